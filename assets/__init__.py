@@ -1,0 +1,1 @@
+"""Software-defined assets: thin Dagster wrappers over etl/."""

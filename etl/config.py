@@ -1,0 +1,215 @@
+"""Typed pipeline configuration, loaded from YAML with errors that name the offending key.
+
+``from_mapping`` is the one loader for every config dataclass in the project (the trainer uses it too):
+unknown keys, wrong types and invalid values are errors that name the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {
+            _coerce(k, key_tp, f"{where}.{k}"): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where}: expected a path, got {value!r}")
+        return Path(value)
+    return value
+
+
+def from_mapping(cls, data: Any, where: str = ""):
+    """Build dataclass ``cls`` from a mapping; unknown or missing keys raise ``ConfigError`` naming the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{where}." if where else ""
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing config key '{prefix}{name}'")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}" if where else str(err)) from err
+
+
+def to_mapping(obj) -> dict:
+    """The inverse of ``from_mapping``: plain dicts, lists and strings, ready for YAML or JSON."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(obj)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return data or {}
+
+
+# --- the data pipeline's config -------------------------------------------------------------
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    path: Path
+    kind: Literal["laion_parquet", "cc12m_tsv"] = "laion_parquet"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    extra_cols: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"sources: name {self.name!r} must be letters, digits, '-' or '_'")
+
+
+@dataclass
+class DownloadConfig:
+    processes: int = 4
+    threads: int = 32
+    timeout: int = 10
+    retries: int = 0
+    # "original" keeps the downloaded bytes as they are; "jpg"/"png"/"webp" re-encode inside img2dataset.
+    encode_format: Literal["original", "jpg", "png", "webp"] = "original"
+    user_agent_token: str | None = None
+    disallowed_header_directives: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FilterConfig:
+    min_side: int = 64
+    max_punsafe: float | None = 0.5
+    max_pwatermark: float | None = 0.8
+    dedup: bool = True
+
+
+@dataclass
+class RecaptionConfig:
+    backend: Literal["alt-text", "transformers", "vllm"] = "alt-text"
+
+
+@dataclass
+class BucketConfig:
+    resolutions: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = 95  # jpeg/webp only
+    multiple: int = 16  # patch size 2 x VAE downsampling 8
+
+    def __post_init__(self):
+        if not self.resolutions:
+            raise ConfigError("buckets.resolutions: give at least one resolution")
+        for r in self.resolutions:
+            if r < self.multiple or r % self.multiple:
+                raise ConfigError(f"buckets.resolutions: {r} is not a positive multiple of {self.multiple}")
+
+
+@dataclass
+class PipelineConfig:
+    root: Path
+    sources: list[SourceConfig]
+    shard_size: int = 10000
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    concurrency: int = 2  # Dagster runs (one per partition) executed at once
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ConfigError("shard_size: must be at least 1")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sources: names must be unique, got {names}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "PipelineConfig":
+        config = from_mapping(cls, load_yaml(path))
+        # Relative paths in a config file are relative to that file, so configs can travel with their data.
+        base = Path(path).resolve().parent
+        config.root = (base / config.root).resolve()
+        for source in config.sources:
+            source.path = (base / source.path).resolve()
+        return config

@@ -1,0 +1,1 @@
+"""The MMDiT, its encoders, the rectified-flow objective, sampling and the distributed trainer."""
