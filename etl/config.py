@@ -168,7 +168,33 @@ class FilterConfig:
 
 @dataclass
 class RecaptionConfig:
+    # "alt-text" is the model-free smoke backend: the cleaned alt text becomes both captions.
     backend: Literal["alt-text", "transformers", "vllm"] = "alt-text"
+    vlm: str = "llava-hf/llama3-llava-next-8b-hf"  # hub id or local path
+    llm: str = "meta-llama/Meta-Llama-3-8B-Instruct"  # hub id or local path of a chat model
+    # Prompt overrides; None keeps the reference prompts in etl/recaption/prompts.py.
+    vlm_prompt: str | None = None  # must contain {alt_text}
+    llm_prompt: str | None = None  # must contain {caption}
+    llm_system_prompt: str | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 256  # detailed caption
+    short_max_new_tokens: int = 96
+    max_image_side: int = 512  # images are downscaled to this long side before the VLM
+    device: str = "auto"  # "auto" picks cuda when visible, else cpu
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    chunk_rows: int = 64  # finished rows persisted per resume chunk
+    vllm_gpu_memory_utilization: float = 0.45  # per engine: the VLM and the LLM share one GPU
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_new_tokens", "short_max_new_tokens", "max_image_side", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
+        for name, placeholder in (("vlm_prompt", "{alt_text}"), ("llm_prompt", "{caption}")):
+            prompt = getattr(self, name)
+            if prompt is not None and placeholder not in prompt:
+                raise ConfigError(f"{name}: must contain the placeholder {placeholder}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError("vllm_gpu_memory_utilization: must be in (0, 1]")
 
 
 @dataclass

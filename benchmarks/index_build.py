@@ -1,0 +1,144 @@
+"""Bucket index build: the seed repo's method vs etl.index.build_index, cold, on the same shards.
+
+Reference (the seed's create_indices): HF ``datasets.load_dataset("parquet")`` of the folder, then row
+indices grouped by (height, width) per 10k-row chunk in a multiprocessing pool. Ours reads three columns.
+Shards carry realistic payloads (random bytes, --payload-kb per row); ours is also timed on the same
+rows with tiny payloads, and on a larger tiny-payload set (--scale-rows-per-shard) to extrapolate to 25M rows.
+
+    .venv/bin/python benchmarks/index_build.py                      # ~1 GB of shards, a few minutes
+    .venv/bin/python benchmarks/index_build.py --shards 100 --rows-per-shard 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from etl.index import bucket_histogram, build_index
+from etl.schema import CANONICAL, conform
+from etl.storage import write_parquet_atomic
+
+TARGET_ROWS = 25_000_000
+CHUNK = 10_000
+BUCKETS = [(256, 256), (256, 192), (192, 256), (256, 128), (128, 256), (256, 176), (176, 256)]
+
+
+def write_shards(folder: Path, shards: int, rows_per_shard: int, payload_bytes: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for s in range(shards):
+        choice = rng.integers(0, len(BUCKETS), rows_per_shard)
+        table = pa.table(
+            {
+                "key": [f"src-{s * rows_per_shard + i:09d}" for i in range(rows_per_shard)],
+                "caption": ["a photo of something"] * rows_per_shard,
+                "image": [os.urandom(payload_bytes) for _ in range(rows_per_shard)],
+                "height": [BUCKETS[c][0] for c in choice],
+                "width": [BUCKETS[c][1] for c in choice],
+            }
+        )
+        paths.append(write_parquet_atomic(conform(table, CANONICAL), folder / f"{s:05d}.parquet"))
+    return paths
+
+
+def evict_from_page_cache(paths: list[Path]) -> None:
+    """Cold start without touching other processes' cache: drop only these files' pages."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+_DATASET = None  # the reference's workers inherit the memory-mapped dataset through fork
+
+
+def _reference_chunk(bounds: tuple[int, int]) -> dict[tuple[int, int], list[int]]:
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for i in range(*bounds):
+        row = _DATASET[i]
+        buckets.setdefault((row["height"], row["width"]), []).append(i)
+    return buckets
+
+
+def reference_index(folder: Path, cache_dir: Path, processes: int) -> dict[tuple[int, int], list[int]]:
+    global _DATASET
+    from datasets import load_dataset  # benchmark-only dependency
+
+    _DATASET = load_dataset("parquet", data_dir=str(folder), split="train", cache_dir=str(cache_dir))
+    chunks = [(start, min(start + CHUNK, len(_DATASET))) for start in range(0, len(_DATASET), CHUNK)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        parts = pool.map(_reference_chunk, chunks)
+    merged: dict[tuple[int, int], list[int]] = {}
+    for part in parts:
+        for bucket, rows in part.items():
+            merged.setdefault(bucket, []).extend(rows)
+    return merged
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def folder_bytes(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=50)
+    parser.add_argument("--rows-per-shard", type=int, default=200)
+    parser.add_argument("--payload-kb", type=int, default=100)
+    parser.add_argument("--scale-rows-per-shard", type=int, default=10_000, help="tiny-payload run for extrapolation")
+    parser.add_argument("--processes", type=int, default=os.cpu_count())
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="index_bench_", dir=args.workdir))
+    try:
+        rows = args.shards * args.rows_per_shard
+        heavy = write_shards(work / "heavy", args.shards, args.rows_per_shard, args.payload_kb * 1024)
+        light = write_shards(work / "light", args.shards, args.rows_per_shard, 16)
+        scale = write_shards(work / "scale", args.shards, args.scale_rows_per_shard, 16)
+        print(f"{args.shards} shards x {args.rows_per_shard} rows = {rows} rows; "
+              f"{folder_bytes(heavy) / 1e9:.2f} GB with {args.payload_kb} KB payloads, "
+              f"{folder_bytes(light) / 1e6:.2f} MB with 16-byte payloads")
+
+        evict_from_page_cache(heavy)
+        reference, ref_s = timed(reference_index, work / "heavy", work / "hf_cache", args.processes)
+        evict_from_page_cache(heavy)
+        ours, ours_s = timed(build_index, heavy)
+        evict_from_page_cache(light)
+        _, light_s = timed(build_index, light)
+        evict_from_page_cache(scale)
+        scaled, scale_s = timed(build_index, scale)
+
+        # Same content: the reference's global row ids are our (shard, row) in file order.
+        assert {f"{h}x{w}": len(r) for (h, w), r in sorted(reference.items())} == bucket_histogram(ours)
+        per_row_ref, per_row_ours, per_row_scale = ref_s / rows, ours_s / rows, scale_s / scaled.num_rows
+        print(f"{'':34}{'reference':>14}{'ours':>14}{'ratio':>10}")
+        print(f"{'index, payload rows (s)':34}{ref_s:>14.3f}{ours_s:>14.3f}{ref_s / ours_s:>9.0f}x")
+        print(f"{'per row (us)':34}{per_row_ref * 1e6:>14.2f}{per_row_ours * 1e6:>14.3f}")
+        print(f"{'extrapolated to 25M rows':34}{per_row_ref * TARGET_ROWS / 3600:>12.1f} h{per_row_ours * TARGET_ROWS:>12.1f} s")
+        print(f"ours, same rows with 16-byte payloads: {light_s:.3f} s "
+              f"(payload-heavy / tiny = {ours_s / light_s:.2f}x)")
+        print(f"ours at scale: {scaled.num_rows} rows ({args.scale_rows_per_shard} per shard) in {scale_s:.3f} s = "
+              f"{per_row_scale * 1e9:.0f} ns/row -> {per_row_scale * TARGET_ROWS:.1f} s for 25M rows")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

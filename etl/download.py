@@ -1,0 +1,257 @@
+"""Download a URL shard with img2dataset and map its per-sample status onto kept rows and rejects.
+
+img2dataset records every sample it was given, successes and failures alike (status + error_message),
+in its output parquet; we join those records back to our keys, so every input row is accounted for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from etl.config import DownloadConfig
+from etl.schema import CANONICAL, OPTIONAL_FLOAT_COLUMNS, StepResult, conform, empty_rejects, make_rejects
+
+STAGE = "download"
+KEY_COLUMN = "sample_key"  # img2dataset reserves "key" for its own numbering; ours travels under this name
+
+# img2dataset's error_message is urllib's exception text (or its decoder's); first match wins.
+_REASONS: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"HTTP Error (\d{3})"), r"http_\1"),
+    (re.compile(r"timed out|timeout", re.I), "timeout"),
+    (re.compile(r"unknown url type|no host given|control characters|invalid url", re.I), "invalid_url"),
+    (re.compile(r"X-Robots-Tag"), "robots_disallowed"),
+    (re.compile(r"SSL|CERTIFICATE", re.I), "ssl_error"),
+    (re.compile(r"decod|cannot identify image", re.I), "decode_error"),
+    (
+        re.compile(r"urlopen error|connection|remote end closed|IncompleteRead|Name or service|getaddrinfo", re.I),
+        "connection_error",
+    ),
+]
+
+
+def reason_for(message: str | None) -> str:
+    """A short machine-readable reason for one of img2dataset's error messages."""
+    for pattern, reason in _REASONS:
+        match = pattern.search(message or "")
+        if match:
+            return match.expand(reason)
+    return "other"
+
+
+def is_fetchable(url: str | None) -> bool:
+    if not url:
+        return False
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def identify_image(data: bytes | None) -> tuple[int, int] | tuple[str, str]:
+    """(width, height) from the image header, or (reason, detail) when the bytes are not an image.
+
+    Header-level only: the filter stage decodes fully and rejects truncated pixel data.
+    """
+    if not data:
+        return "empty_body", "the server sent zero bytes"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Image.DecompressionBombError as err:
+        return "decompression_bomb", str(err)
+    except UnidentifiedImageError:
+        return "decode_error", f"not an image format Pillow knows; the body starts with {data[:24]!r}"
+    except Exception as err:  # Pillow's format plugins raise many exception types on malformed headers
+        return "decode_error", f"{type(err).__name__}: {err}"
+
+
+def check_accounting(input_keys: list[str], result: StepResult) -> None:
+    """Every input key lands in exactly one of kept/rejects, and nothing else does."""
+    kept = result.kept["key"].to_pylist()
+    rejected = result.rejects["key"].to_pylist()
+    out = kept + rejected
+    if len(out) != len(input_keys) or set(out) != set(input_keys) or len(set(out)) != len(out):
+        lost = sorted(set(input_keys) - set(out))[:5]
+        extra = sorted(set(out) - set(input_keys))[:5]
+        raise RuntimeError(
+            f"download accounting broken: {len(input_keys)} rows in, {len(kept)} kept + {len(rejected)} rejected; "
+            f"lost {lost}, unexpected {extra}"
+        )
+
+
+_RUN_IMG2DATASET = """
+import json, sys
+import img2dataset
+img2dataset.download(**json.loads(sys.stdin.read()))
+"""
+
+
+def run_img2dataset(arguments: dict) -> None:
+    """Run ``img2dataset.download`` in a fresh interpreter.
+
+    img2dataset installs a SIGINT handler (only allowed on the main thread), starts a logger process
+    and a spawn pool; a child interpreter keeps all of that out of the caller (tests, Dagster steps)
+    and lets it be called any number of times.
+    """
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+    completed = subprocess.run(
+        [sys.executable, "-c", _RUN_IMG2DATASET],
+        input=json.dumps(arguments),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if completed.returncode != 0:
+        log = (completed.stdout + completed.stderr)[-4000:]
+        raise RuntimeError(f"img2dataset failed (exit code {completed.returncode}):\n{log}")
+
+
+def _img2dataset_arguments(url_list: Path, output: Path, rows: int, cfg: DownloadConfig) -> dict:
+    processes = max(1, min(cfg.processes, rows))
+    original = cfg.encode_format == "original"
+    return {
+        "url_list": str(url_list),
+        "output_folder": str(output),
+        "input_format": "parquet",
+        "output_format": "parquet",
+        "url_col": "url",
+        "caption_col": None,
+        "save_additional_columns": [KEY_COLUMN],
+        "processes_count": processes,
+        "thread_count": cfg.threads,
+        "number_sample_per_shard": math.ceil(rows / processes),
+        "timeout": cfg.timeout,
+        "retries": cfg.retries,
+        "resize_mode": "no",
+        "encode_format": "jpg" if original else cfg.encode_format,
+        "disable_all_reencoding": original,
+        "extract_exif": False,
+        "compute_hash": "sha256",
+        # The output folder is always fresh, so "extend" (start at shard 0, skip nothing) means no incremental
+        # mode; "overwrite" would delete the _tmp folder img2dataset has just made inside it, and then hang.
+        "incremental_mode": "extend",
+        "enable_wandb": False,
+        "user_agent_token": cfg.user_agent_token,
+        "disallowed_header_directives": list(cfg.disallowed_header_directives),
+    }
+
+
+def _read_records(output: Path) -> pa.Table:
+    files = sorted(output.glob("*.parquet"))
+    if not files:
+        return pa.table({KEY_COLUMN: pa.array([], pa.string())})
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+
+
+def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig) -> StepResult:
+    """Download ``urls`` (etl.schema.URLS rows) with img2dataset; returns CANONICAL kept rows + rejects."""
+    for name in ("key", "url"):
+        if name not in urls.column_names:
+            raise ValueError(f"download_shard: the URL table has no '{name}' column (it has {urls.column_names})")
+    keys = urls["key"].to_pylist()
+    if len(set(keys)) != len(keys) or None in keys:
+        raise ValueError("download_shard: keys must be unique and not null")
+    url_values = urls["url"].to_pylist()
+    fetchable = [i for i, url in enumerate(url_values) if is_fetchable(url)]
+    row_of_key = {key: i for i, key in enumerate(keys)}
+
+    kept_rows: list[tuple[int, bytes, int, int, int, int, str]] = []  # (input row, image, w, h, ow, oh, sha256)
+    reject_rows: list[tuple[int, str, str]] = [  # (input row, reason, detail)
+        (i, "invalid_url", f"not an http(s) URL: {url_values[i]!r}")
+        for i in sorted(set(range(len(keys))) - set(fetchable))
+    ]
+    if fetchable:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="img2dataset-", dir=work_dir))
+        try:
+            url_list = scratch / "urls.parquet"
+            to_send = urls.take(fetchable)
+            pq.write_table(pa.table({KEY_COLUMN: to_send["key"], "url": to_send["url"]}), url_list)
+            output = scratch / "output"
+            run_img2dataset(_img2dataset_arguments(url_list, output, len(fetchable), cfg))
+            records = _read_records(output)
+            original = cfg.encode_format == "original"
+            # img2dataset names the image column after its encode_format (with no re-encoding: "jpg", original bytes)
+            image_column = "jpg" if original else cfg.encode_format
+            recorded = set()
+            for record in records.to_pylist():
+                row = row_of_key.get(record[KEY_COLUMN])
+                if row is None or row in recorded:
+                    raise RuntimeError(f"img2dataset returned an unexpected or repeated key {record[KEY_COLUMN]!r}")
+                recorded.add(row)
+                status, message = record.get("status"), record.get("error_message")
+                if status == "failed_to_resize":
+                    # resize_mode "no" and no size limits: OpenCV's decoder is the only thing that can fail here
+                    reject_rows.append((row, "empty_body" if "buf.empty()" in (message or "") else "decode_error", message))
+                elif status != "success":
+                    reject_rows.append((row, reason_for(message), message))
+                elif original:
+                    image = record[image_column]
+                    identified = identify_image(image)
+                    if isinstance(identified[0], str):
+                        reject_rows.append((row, *identified))
+                    else:
+                        width, height = identified
+                        kept_rows.append((row, image, width, height, width, height, record["sha256"]))
+                else:
+                    kept_rows.append(
+                        (row, record[image_column], record["width"], record["height"],
+                         record["original_width"], record["original_height"], record["sha256"])
+                    )
+            for row in sorted(set(fetchable) - recorded):
+                reject_rows.append((row, "not_recorded", "img2dataset wrote no record for this sample (see its log)"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    result = StepResult(kept=_kept_table(urls, kept_rows), rejects=_rejects_table(urls, reject_rows))
+    check_accounting(keys, result)
+    return result
+
+
+def _kept_table(urls: pa.Table, kept_rows: list) -> pa.Table:
+    if not kept_rows:
+        return conform(urls.slice(0, 0), CANONICAL)
+    kept_rows = sorted(kept_rows, key=lambda r: r[0])
+    rows, images, widths, heights, original_widths, original_heights, hashes = zip(*kept_rows)
+    table = urls.take(list(rows))
+    for name, values, type_ in [
+        ("image", images, pa.binary()),
+        ("width", widths, pa.int32()),
+        ("height", heights, pa.int32()),
+        ("original_width", original_widths, pa.int32()),
+        ("original_height", original_heights, pa.int32()),
+        ("sha256", hashes, pa.string()),
+    ]:
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(pa.field(name, type_), pa.array(values, type_))
+    return conform(table, CANONICAL)
+
+
+def _rejects_table(urls: pa.Table, reject_rows: list) -> pa.Table:
+    if not reject_rows:
+        return empty_rejects()
+    reject_rows = sorted(reject_rows, key=lambda r: r[0])
+    rows = [r[0] for r in reject_rows]
+    taken = urls.take(rows)
+    return make_rejects(
+        taken["key"].to_pylist(), taken["url"].to_pylist(), STAGE, [r[1] for r in reject_rows], [r[2] for r in reject_rows]
+    )

@@ -1,0 +1,96 @@
+"""The bucket index: every row of a resolution's shards, sorted by bucket, built from three columns.
+
+Only key/height/width are read (parquet is columnar, so the image payload is never touched), shards are
+read concurrently (Arrow releases the GIL), and the sort is a stable sort on two integer columns: reading
+the shards in file-name order already puts (shard, row) in order within each bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from etl.storage import CorruptShardError
+
+INDEX_COLUMNS = ["key", "height", "width"]
+# One file name per row would cost ~20 bytes a row at 25M rows; dictionary-encoded it costs 4.
+INDEX = pa.schema(
+    [
+        ("shard", pa.dictionary(pa.int32(), pa.string())),
+        ("row", pa.int32()),
+        ("key", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+    ]
+)
+_READ_THREADS = 8  # parquet reads wait on the disk as much as on the CPU
+
+
+def _read_shard(path: Path) -> pa.Table:
+    # pq.ParquetFile.read costs ~0.3 ms a file against ~0.8 ms for pq.read_table (etl.storage.read_parquet),
+    # which sets up a whole dataset scan per file: at 2,500 shards that fixed cost would dominate.
+    if not path.exists():
+        raise FileNotFoundError(f"shard not found: {path}")
+    try:
+        table = pq.ParquetFile(path).read(columns=INDEX_COLUMNS)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err
+    if table.column_names != INDEX_COLUMNS:
+        raise CorruptShardError(f"shard {path} lacks columns {sorted(set(INDEX_COLUMNS) - set(table.column_names))}")
+    for name in INDEX_COLUMNS:
+        if table[name].null_count:
+            raise CorruptShardError(f"shard {path} has {table[name].null_count} rows with no {name}")
+    return table.cast(pa.schema([("key", pa.string()), ("height", pa.int32()), ("width", pa.int32())]))
+
+
+def build_index(shard_paths: list[Path]) -> pa.Table:
+    """(shard, row, key, height, width) for every row of every shard, sorted by (height, width, shard, row)."""
+    paths = sorted((Path(p) for p in shard_paths), key=lambda p: p.name)
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"shard file names must be unique within one index: {names}")
+    with ThreadPoolExecutor(_READ_THREADS) as pool:
+        tables = list(pool.map(_read_shard, paths))
+    if not tables:
+        return INDEX.empty_table()
+    rows = pa.concat_tables(tables)
+    counts = np.array([t.num_rows for t in tables], dtype=np.int64)
+    shard_ids = np.repeat(np.arange(len(tables), dtype=np.int32), counts)
+    row_ids = np.concatenate([np.arange(n, dtype=np.int32) for n in counts])
+    # One int64 sort key per row: sorting it once is ~2x faster than a two-column sort, and a stable
+    # sort keeps the (shard, row) order the shards were concatenated in.
+    bucket = (rows["height"].to_numpy().astype(np.int64) << 32) | rows["width"].to_numpy().astype(np.int64)
+    order = (
+        pl.DataFrame({"bucket": bucket}).with_row_index("position").sort("bucket", maintain_order=True)["position"]
+    ).to_numpy()
+    ordered = rows.take(order)
+    shard = pa.DictionaryArray.from_arrays(pa.array(shard_ids[order]), pa.array(names, pa.string()))
+    columns = [shard, pa.array(row_ids[order]), ordered["key"], ordered["height"], ordered["width"]]
+    return pa.Table.from_arrays(columns, schema=INDEX)
+
+
+def bucket_histogram(index: pa.Table) -> dict[str, int]:
+    """Rows per bucket as {"HxW": count}, in (height, width) order."""
+    counts = pl.from_arrow(index.select(["height", "width"])).group_by(["height", "width"]).len().sort(["height", "width"])
+    return {f"{h}x{w}": n for h, w, n in counts.iter_rows()}
+
+
+def dataset_version(index: pa.Table) -> str:
+    """16 hex digits from the keys and buckets in index order: same data, same id, on any machine."""
+    digest = hashlib.sha256()
+    keys = index["key"].combine_chunks().cast(pa.large_string())
+    # Hash key lengths and key bytes (not Arrow's offsets, which depend on how the table was sliced).
+    digest.update(pc.binary_length(keys).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64)[keys.offset : keys.offset + len(keys) + 1]
+    if len(keys):
+        digest.update(memoryview(keys.buffers()[2])[offsets[0] : offsets[-1]])
+    for name in ("height", "width"):
+        digest.update(index[name].to_numpy().astype("<i4").tobytes())
+    return digest.hexdigest()[:16]

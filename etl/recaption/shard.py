@@ -1,0 +1,206 @@
+"""Recaption one shard: detailed caption, short caption, cleaning, failure detection, resumable chunks."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+from PIL import Image
+
+from etl.config import RecaptionConfig, to_mapping
+from etl.recaption.backends import AltTextCaptioner, Captioner, get_captioner
+from etl.recaption.postprocess import Verdict, clean_alt_text, judge_detailed, judge_short, word_count
+from etl.recaption.resume import OUTCOMES, ResumeChunks
+from etl.schema import StepResult, make_rejects
+
+STAGE = "recaption"
+# Settings that change what a caption says; a change discards the chunks of an interrupted run.
+_RUNTIME_ONLY = ("batch_size", "chunk_rows", "device", "vllm_gpu_memory_utilization")
+
+
+@dataclass
+class RecaptionStats:
+    """Per-shard figures for the asset's metadata (``as_metadata``)."""
+
+    rows: int
+    captioned: int
+    resumed: int  # rows finished by an earlier, interrupted run and read back from work_dir
+    failures: dict[str, int]  # by kind: loop, too_few_words, empty, chatter, undecodable, empty_caption
+    mean_words_detailed: float
+    mean_words_short: float
+    seconds: float
+    rows_per_second: float  # rows finished by this run / seconds
+
+    def as_metadata(self) -> dict:
+        return {
+            "rows_captioned": self.captioned,
+            "rows_resumed": self.resumed,
+            **{f"failed_{kind}": n for kind, n in sorted(self.failures.items())},
+            "mean_words_recaption": round(self.mean_words_detailed, 2),
+            "mean_words_recaption_short": round(self.mean_words_short, 2),
+            "rows_per_second": round(self.rows_per_second, 3),
+        }
+
+
+@dataclass
+class RecaptionResult(StepResult):
+    stats: RecaptionStats
+
+
+def _decode(data: bytes, max_side: int) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (max_side, max_side))  # JPEG: decode straight at a reduced scale
+    image = image.convert("RGB")
+    # VLM preprocessing of huge images starves the GPU; the long side is capped first.
+    image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return image
+
+
+def _failed(key: str, kind: str, message: str, reason: str = "caption_failed") -> dict:
+    return {"key": key, "recaption": None, "recaption_short": None, "reason": reason, "detail": f"{kind}: {message}"}
+
+
+def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig) -> list[dict]:
+    """Outcome rows (schema ``OUTCOMES``) for input rows with key, caption and image, in the same order."""
+    outcomes: dict[str, dict] = {}
+    alts = {row["key"]: clean_alt_text(row["caption"]) for row in rows}
+    smoke = isinstance(captioner, AltTextCaptioner)
+
+    images, keys = [], []
+    for row in rows:
+        if smoke:
+            images.append(None)
+            keys.append(row["key"])
+            continue
+        try:
+            images.append(_decode(row["image"], cfg.max_image_side))
+            keys.append(row["key"])
+        except Exception as err:  # noqa: BLE001 -- any decoder error is this row's rejection, not the shard's
+            outcomes[row["key"]] = _failed(row["key"], "undecodable", f"{type(err).__name__}: {err}")
+
+    detailed: dict[str, str] = {}
+    for start in range(0, len(keys), cfg.batch_size):
+        batch = keys[start : start + cfg.batch_size]
+        raw = captioner.detailed(images[start : start + cfg.batch_size], [alts[k] for k in batch])
+        if smoke:
+            # Smoke runs keep any alt text: only an empty one is unusable.
+            verdicts = [Verdict(text) if text else Verdict(None, "empty", "no usable alt text") for text in raw]
+        else:
+            verdicts = judge_detailed(raw)
+        for key, verdict in zip(batch, verdicts, strict=True):
+            if verdict.caption is not None:
+                detailed[key] = verdict.caption
+            elif smoke:
+                outcomes[key] = _failed(key, verdict.kind, verdict.message, reason="empty_caption")
+            else:
+                outcomes[key] = _failed(key, verdict.kind, f"{verdict.message} (detailed caption)")
+
+    keys = list(detailed)
+    for start in range(0, len(keys), cfg.batch_size):
+        batch = keys[start : start + cfg.batch_size]
+        raw = captioner.shorten([detailed[k] for k in batch])
+        verdicts = [Verdict(text) for text in raw] if smoke else judge_short(raw)
+        for key, verdict in zip(batch, verdicts, strict=True):
+            if verdict.caption is None:
+                outcomes[key] = _failed(key, verdict.kind, f"{verdict.message} (short caption)")
+            else:
+                outcomes[key] = {
+                    "key": key,
+                    "recaption": detailed[key],
+                    "recaption_short": verdict.caption,
+                    "reason": None,
+                    "detail": None,
+                }
+    return [outcomes[row["key"]] for row in rows]
+
+
+def _setup(cfg: RecaptionConfig) -> dict:
+    return {k: v for k, v in to_mapping(cfg).items() if k not in _RUNTIME_ONLY}
+
+
+def recaption_shard(
+    table: pa.Table,
+    cfg: RecaptionConfig,
+    work_dir: Path,
+    captioner: Captioner | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> RecaptionResult:
+    """Recaption a CANONICAL shard; finished rows are persisted in ``work_dir`` so a re-run resumes.
+
+    ``progress(rows_finished, rows_total)`` is called after each chunk. The caller writes the returned
+    shard atomically and then deletes ``work_dir``.
+    """
+    missing = {"key", "url", "caption", "image"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"recaption: input shard lacks columns {sorted(missing)}")
+    keys = table["key"].to_pylist()
+    if len(set(keys)) != len(keys):
+        duplicated = next(k for k, n in Counter(keys).items() if n > 1)
+        raise ValueError(f"recaption: duplicate key {duplicated!r} in the input shard")
+
+    chunks = ResumeChunks(work_dir, _setup(cfg))
+    earlier = chunks.finished()
+    done = set(earlier["key"].to_pylist())
+    strangers = done - set(keys)
+    if strangers:
+        raise ValueError(
+            f"recaption: {work_dir} holds rows of another shard (e.g. key {next(iter(strangers))!r}); delete it"
+        )
+
+    todo = [i for i, key in enumerate(keys) if key not in done]
+    started = time.perf_counter()
+    if todo:
+        captioner = captioner or get_captioner(cfg)
+        for start in range(0, len(todo), cfg.chunk_rows):
+            rows = table.select(["key", "caption", "image"]).take(todo[start : start + cfg.chunk_rows]).to_pylist()
+            chunks.append(pa.Table.from_pylist(caption_rows(rows, captioner, cfg), schema=OUTCOMES))
+            if progress:
+                progress(len(done) + min(start + cfg.chunk_rows, len(todo)), len(keys))
+    seconds = time.perf_counter() - started
+
+    return _assemble(table, chunks.finished(), resumed=len(done), seconds=seconds, ran=len(todo))
+
+
+def _assemble(table: pa.Table, outcomes: pa.Table, resumed: int, seconds: float, ran: int) -> RecaptionResult:
+    by_key = {row["key"]: row for row in outcomes.to_pylist()}
+    rows = [by_key[key] for key in table["key"].to_pylist()]
+    ok = [i for i, row in enumerate(rows) if row["reason"] is None]
+    failed = [i for i, row in enumerate(rows) if row["reason"] is not None]
+
+    kept = table.take(pa.array(ok, pa.int64()))
+    for name in ("recaption", "recaption_short"):
+        column = pa.array([rows[i][name] for i in ok], pa.string())
+        if name in kept.column_names:
+            kept = kept.set_column(kept.column_names.index(name), name, column)
+        else:
+            kept = kept.append_column(name, column)
+    bad = [rows[i] for i in failed]
+    rejects = make_rejects(
+        [row["key"] for row in bad],
+        table["url"].take(pa.array(failed, pa.int64())).to_pylist(),
+        STAGE,
+        [row["reason"] for row in bad],
+        [row["detail"] for row in bad],
+    )
+
+    failures = Counter(
+        "empty_caption" if row["reason"] == "empty_caption" else row["detail"].split(":", 1)[0] for row in bad
+    )
+    detailed_words = [word_count(rows[i]["recaption"]) for i in ok]
+    short_words = [word_count(rows[i]["recaption_short"]) for i in ok]
+    stats = RecaptionStats(
+        rows=table.num_rows,
+        captioned=len(ok),
+        resumed=resumed,
+        failures=dict(sorted(failures.items())),
+        mean_words_detailed=sum(detailed_words) / len(ok) if ok else 0.0,
+        mean_words_short=sum(short_words) / len(ok) if ok else 0.0,
+        seconds=seconds,
+        rows_per_second=ran / seconds if seconds > 0 else 0.0,
+    )
+    return RecaptionResult(kept=kept, rejects=rejects, stats=stats)

@@ -1,0 +1,107 @@
+"""URL lists in (LAION parquet, CC12M TSV) -> numbered URL shards out.
+
+Keys come from a row's position in its source list, so a longer list later only adds shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from etl.config import PipelineConfig, SourceConfig
+from etl.schema import OPTIONAL_FLOAT_COLUMNS, URLS, conform
+from etl.storage import CorruptShardError, read_parquet, write_parquet_atomic
+
+
+def _read_raw(source: SourceConfig) -> tuple[pa.Table, list[str]]:
+    """The configured columns that the file has, and the names of all the columns it has."""
+    path = Path(source.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"source '{source.name}': URL list not found: {path}")
+    try:
+        if source.kind == "laion_parquet":
+            # LAION metadata carries many columns we do not need: read only the configured ones.
+            present = pq.read_schema(path).names
+            wanted = [source.url_col, source.caption_col, *source.extra_cols]
+            return pq.read_table(path, columns=[name for name in dict.fromkeys(wanted) if name in present]), present
+        if path.stat().st_size == 0:
+            return pa.table({}), []
+        # CC12M captions hold quote characters freely: quoting would swallow tabs and newlines.
+        table = pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={source.url_col: pa.string(), source.caption_col: pa.string()}
+            ),
+        )
+        return table, table.column_names
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"source '{source.name}': cannot read {source.kind} file {path}: {err}") from err
+
+
+def read_url_list(source: SourceConfig) -> pa.Table:
+    """Columns: url, caption, source, punsafe/pwatermark/similarity (float64, null unless listed), other extras."""
+    raw, available = _read_raw(source)
+    wanted = [source.url_col, source.caption_col, *source.extra_cols]
+    missing = [name for name in wanted if name not in available]
+    if missing and not available:  # a zero-byte TSV: an empty list, not a malformed one
+        raw = pa.table({name: pa.array([], pa.string()) for name in wanted})
+    elif missing:
+        raise ValueError(
+            f"source '{source.name}': column '{missing[0]}' not found in {source.path} "
+            f"(it has: {', '.join(available)})"
+        )
+    columns = {
+        "url": raw[source.url_col].cast(pa.string()),
+        "caption": raw[source.caption_col].cast(pa.string()),
+        "source": pa.array([source.name] * raw.num_rows, pa.string()),
+    }
+    for name in OPTIONAL_FLOAT_COLUMNS:
+        if name in source.extra_cols:
+            try:
+                columns[name] = raw[name].cast(pa.float64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                raise ValueError(f"source '{source.name}': column '{name}' in {source.path} is not numeric: {err}") from err
+        else:
+            columns[name] = pa.nulls(raw.num_rows, pa.float64())
+    for name in source.extra_cols:
+        if name not in columns:
+            columns[name] = raw[name]
+    return pa.table(columns)
+
+
+def shard_url_list(table: pa.Table, source_name: str, shard_size: int) -> list[tuple[str, pa.Table]]:
+    """Shard i holds rows [i*shard_size, (i+1)*shard_size) under key ``<source>-<i:05d>``."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    keys = pa.array([f"{source_name}-{row:09d}" for row in range(table.num_rows)], pa.string())
+    keyed = conform(table.append_column("key", keys), URLS)
+    return [
+        (f"{source_name}-{i:05d}", keyed.slice(start, shard_size))
+        for i, start in enumerate(range(0, keyed.num_rows, shard_size))
+    ]
+
+
+def _same_content(path: Path, table: pa.Table) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return read_parquet(path).equals(table)
+    except CorruptShardError:
+        return False
+
+
+def write_url_shards(config: PipelineConfig) -> list[str]:
+    """Write ``<root>/urls/<shard_key>.parquet`` for every source; identical files are left untouched."""
+    shard_keys = []
+    for source in config.sources:
+        table = read_url_list(source)
+        for shard_key, shard in shard_url_list(table, source.name, config.shard_size):
+            path = Path(config.root) / "urls" / f"{shard_key}.parquet"
+            if not _same_content(path, shard):
+                write_parquet_atomic(shard, path)
+            shard_keys.append(shard_key)
+    return shard_keys

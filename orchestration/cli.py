@@ -1,0 +1,100 @@
+"""The `sd3` command: data pipeline, lineage UI, sampling."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+WORKSPACE = Path(__file__).resolve().parents[1] / "workspace.yaml"
+
+
+def dagster_home() -> Path:
+    """DAGSTER_HOME, defaulting to ./.dagster so runs made here show up in `sd3 ui` / `dagster dev`."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster"))).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    settings = home / "dagster.yaml"
+    if not settings.exists():
+        # No telemetry: this toolkit runs on machines that reach nothing but package registries.
+        settings.write_text("telemetry:\n  enabled: false\n")
+    return home
+
+
+def cmd_data_run(args) -> int:
+    from orchestration.run import PipelineError, run_pipeline
+    from etl.config import ConfigError
+
+    dagster_home()
+    try:
+        report = run_pipeline(args.config)
+    except (PipelineError, ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"sd3 data run: {err}", file=sys.stderr)
+        return 1
+    print(report.table())
+    return 0
+
+
+def cmd_demo_source(args) -> int:
+    from etl.demo_source import make_demo_source
+
+    path = make_demo_source(Path(args.out), args.n, args.base_url, seed=args.seed)
+    print(f"wrote {args.n} demo images and {path}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from etl.serve import serve_forever
+
+    serve_forever(Path(args.directory), args.port)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    home = dagster_home()
+    print(f"Dagster UI on http://127.0.0.1:{args.port} (DAGSTER_HOME={home})")
+    command = ["dagster", "dev", "-w", str(WORKSPACE), "-h", "127.0.0.1", "-p", str(args.port)]
+    return subprocess.call([str(Path(sys.executable).parent / command[0]), *command[1:]])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd3", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="the data pipeline").add_subparsers(dest="data_command", required=True)
+    run = data.add_parser("run", help="materialize every asset for every partition through Dagster")
+    run.add_argument("--config", required=True, help="pipeline YAML (see configs/data/)")
+    run.set_defaults(func=cmd_data_run)
+
+    demo = data.add_parser("demo-source", help="generate the coloured-shapes demo dataset")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--n", type=int, default=1000)
+    demo.add_argument("--base-url", default="http://127.0.0.1:8765", help="where `sd3 data serve` will serve --out")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo_source)
+
+    serve = data.add_parser("serve", help="serve a folder on 127.0.0.1 (for the demo source)")
+    serve.add_argument("directory")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.set_defaults(func=cmd_serve)
+
+    ui = commands.add_parser("ui", help="the Dagster lineage UI (dagster dev) on this project's instance")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+
+    import importlib.util  # TEMP until trainer.sample_cli lands
+    if importlib.util.find_spec("trainer.sample_cli"):
+        from trainer.sample_cli import add_parser as add_sample_parser
+
+        add_sample_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Everything Dagster needs, assembled in one place: assets, checks, jobs, resources, executor.
+
+The pipeline config file is named by SD3_PIPELINE_CONFIG (default: the demo config), because the
+partitions (which resolutions exist) and every asset's paths come from it.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+import dagster as dg
+
+from assets.pipeline import build_pipeline_assets
+from etl.config import PipelineConfig
+from orchestration import partitions
+from orchestration.resources import PipelineResource
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "demo.yaml"
+CONFIG_ENV = "SD3_PIPELINE_CONFIG"
+
+# One job per partitioning, in the order `sd3 data run` launches them (each stage waits for the last).
+STAGE_JOBS = (
+    ("url_shards_job", ["url_shards"], None),
+    ("download_job", ["downloaded"], "shard"),
+    ("hashes_job", ["content_hashes"], None),
+    ("caption_job", ["filtered", "recaptioned"], "shard"),
+    ("bucket_job", ["bucketed"], "shard_resolution"),
+    ("index_job", ["bucket_index"], "resolution"),
+)
+
+
+def config_path() -> str:
+    return os.environ.get(CONFIG_ENV, str(DEFAULT_CONFIG))
+
+
+@cache
+def build_definitions(path: str) -> dg.Definitions:
+    config = PipelineConfig.from_yaml(path)
+    assets = build_pipeline_assets(config.buckets.resolutions)
+    jobs = [dg.define_asset_job(name, selection=dg.AssetSelection.assets(*keys)) for name, keys, _ in STAGE_JOBS]
+    return dg.Definitions(
+        assets=assets,
+        jobs=jobs,
+        resources={"pipeline": PipelineResource(config_path=str(Path(path).resolve()))},
+        executor=dg.multiprocess_executor.configured({"max_concurrent": max(1, config.concurrency)}),
+    )
+
+
+def stage_job(name: str) -> dg.JobDefinition:
+    """Reconstructs a stage job in any process (the multiprocess executor's children call this)."""
+    return build_definitions(config_path()).resolve_job_def(name)
+
+
+def shard_partitions() -> dg.DynamicPartitionsDefinition:
+    return partitions.shards
+
+
+defs = build_definitions(config_path())

@@ -1,0 +1,180 @@
+"""download_shard through the real img2dataset against a loopback server that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import signal
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from etl.config import DownloadConfig
+from etl.download import download_shard, reason_for
+from etl.schema import CANONICAL, REJECTS
+from tests.etl.fault_server import VALID_JPEG, VALID_JPEG_SIZE, VALID_PNG, VALID_PNG_SIZE, FaultServer
+
+TIMEOUT = 1
+# route -> expected outcome: ("kept", original bytes, (width, height)) or ("rejected", reason)
+ROUTES = {
+    "/404": ("rejected", "http_404"),
+    "/500": ("rejected", "http_500"),
+    "/slow": ("rejected", "timeout"),
+    "/redirect": ("kept", VALID_PNG, VALID_PNG_SIZE),
+    "/valid.png": ("kept", VALID_PNG, VALID_PNG_SIZE),
+    "/valid.jpg": ("kept", VALID_JPEG, VALID_JPEG_SIZE),
+    "/png-as-text": ("kept", VALID_PNG, VALID_PNG_SIZE),
+    "/html-as-jpeg": ("rejected", "decode_error"),
+    "/empty": ("rejected", "empty_body"),
+    "/random": ("rejected", "decode_error"),
+}
+NOT_SENT = {"ftp://example.com/a.png": "invalid_url", "": "invalid_url", None: "invalid_url"}
+
+
+def url_table(server: FaultServer) -> pa.Table:
+    urls = [server.url(route) for route in ROUTES] + list(NOT_SENT)
+    n = len(urls)
+    return pa.table(
+        {
+            "key": [f"test-{i:09d}" for i in range(n)],
+            "url": urls,
+            "caption": [f"caption {i}" for i in range(n)],
+            "source": ["test"] * n,
+            "punsafe": [i / 100 for i in range(n)],
+            "pwatermark": [None] * n,
+            "similarity": [0.3] * n,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def downloaded(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp("work")
+    with FaultServer(slow_seconds=TIMEOUT + 2) as server:
+        urls = url_table(server)
+        result = download_shard(urls, work_dir, DownloadConfig(processes=1, threads=4, timeout=TIMEOUT))
+    return urls, result, work_dir
+
+
+def test_every_row_is_accounted_for_once(downloaded):
+    urls, result, _ = downloaded
+    out = result.kept["key"].to_pylist() + result.rejects["key"].to_pylist()
+    assert sorted(out) == sorted(urls["key"].to_pylist())
+    assert sum(result.counts.values()) == urls.num_rows
+
+
+def test_each_fault_gets_its_reason(downloaded):
+    urls, result, _ = downloaded
+    reasons = dict(zip(result.rejects["url"].to_pylist(), result.rejects["reason"].to_pylist()))
+    for route, expected in ROUTES.items():
+        url = [u for u in urls["url"].to_pylist() if u and u.endswith(route)][0]
+        if expected[0] == "rejected":
+            assert reasons.get(url) == expected[1], route
+    for url, reason in NOT_SENT.items():
+        assert reasons[url] == reason
+    assert result.rejects.schema == REJECTS
+    assert set(result.rejects["stage"].to_pylist()) == {"download"}
+    details = dict(zip(result.rejects["reason"].to_pylist(), result.rejects["detail"].to_pylist()))
+    assert "404" in details["http_404"]
+
+
+def test_valid_images_keep_original_bytes_sizes_and_hash(downloaded):
+    _, result, _ = downloaded
+    assert result.kept.schema == CANONICAL
+    kept = {row["url"].rsplit("/", 1)[1]: row for row in result.kept.to_pylist()}
+    assert set(kept) == {route[1:] for route, expected in ROUTES.items() if expected[0] == "kept"}
+    for route, expected in ROUTES.items():
+        if expected[0] != "kept":
+            continue
+        row = kept[route[1:]]
+        _, data, (width, height) = expected
+        assert row["image"] == data
+        assert (row["width"], row["height"]) == (width, height)
+        assert (row["original_width"], row["original_height"]) == (width, height)
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert row["recaption"] is None and row["recaption_short"] is None
+
+
+def test_input_columns_are_carried_to_kept_rows(downloaded):
+    urls, result, _ = downloaded
+    by_key = {row["key"]: row for row in urls.to_pylist()}
+    for row in result.kept.to_pylist():
+        source_row = by_key[row["key"]]
+        for name in ("url", "caption", "source", "punsafe", "pwatermark", "similarity"):
+            assert row[name] == source_row[name], name
+
+
+def test_work_dir_is_cleaned(downloaded):
+    _, _, work_dir = downloaded
+    assert list(Path(work_dir).iterdir()) == []
+
+
+def test_second_call_off_the_main_thread_reencodes_and_leaves_no_global_state(tmp_path):
+    """img2dataset sets a SIGINT handler (main thread only) and starts processes: none of it may leak."""
+    handler_before = signal.getsignal(signal.SIGINT)
+    outcome = {}
+    with FaultServer() as server:
+        urls = pa.table(
+            {
+                "key": ["a", "b", "c"],
+                "url": [server.url("/valid.png"), server.url("/random"), server.url("/empty")],
+            }
+        )
+        cfg = DownloadConfig(processes=1, threads=2, timeout=TIMEOUT, encode_format="webp")
+
+        def run():
+            outcome["result"] = download_shard(urls, tmp_path, cfg)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    result = outcome["result"]
+    assert result.kept["key"].to_pylist() == ["a"]
+    row = result.kept.to_pylist()[0]
+    with Image.open(io.BytesIO(row["image"])) as image:
+        assert image.format == "WEBP"
+        assert image.size == VALID_PNG_SIZE == (row["width"], row["height"])
+    assert row["sha256"] == hashlib.sha256(VALID_PNG).hexdigest()  # the hash is of the downloaded bytes
+    assert dict(zip(result.rejects["key"].to_pylist(), result.rejects["reason"].to_pylist())) == {
+        "b": "decode_error",
+        "c": "empty_body",
+    }
+
+
+def test_rows_without_a_fetchable_url_never_reach_img2dataset(tmp_path):
+    urls = pa.table({"key": ["x", "y"], "url": ["not a url", "file:///etc/passwd"]})
+    result = download_shard(urls, tmp_path / "work", DownloadConfig())
+    assert result.kept.num_rows == 0 and result.kept.schema == CANONICAL
+    assert result.rejects["reason"].to_pylist() == ["invalid_url", "invalid_url"]
+    assert not (tmp_path / "work").exists()
+
+
+def test_empty_shard_and_bad_tables():
+    result = download_shard(pa.table({"key": pa.array([], pa.string()), "url": pa.array([], pa.string())}), Path("."), DownloadConfig())
+    assert result.counts == {"kept": 0}
+    with pytest.raises(ValueError, match="unique"):
+        download_shard(pa.table({"key": ["a", "a"], "url": ["http://x/1", "http://x/2"]}), Path("."), DownloadConfig())
+    with pytest.raises(ValueError, match="'url'"):
+        download_shard(pa.table({"key": ["a"]}), Path("."), DownloadConfig())
+
+
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        ("HTTP Error 403: Forbidden", "http_403"),
+        ("<urlopen error timed out>", "timeout"),
+        ("The read operation timed out", "timeout"),
+        ("unknown url type: 'htp'", "invalid_url"),
+        ("<urlopen error [Errno -2] Name or service not known>", "connection_error"),
+        ("Remote end closed connection without response", "connection_error"),
+        ("Use of image disallowed by X-Robots-Tag directive", "robots_disallowed"),
+        ("something new", "other"),
+        (None, "other"),
+    ],
+)
+def test_reason_for_urllib_messages(message, reason):
+    assert reason_for(message) == reason

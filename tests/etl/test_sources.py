@@ -1,0 +1,133 @@
+"""URL lists (LAION parquet, CC12M TSV) -> keyed URL shards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from etl.config import PipelineConfig, SourceConfig
+from etl.schema import URLS
+from etl.sources import read_url_list, shard_url_list, write_url_shards
+from etl.storage import read_parquet
+
+
+def laion_parquet(path: Path, n: int) -> Path:
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [f"http://example.com/{i}.jpg" for i in range(n)],
+                "TEXT": [f"photo {i}" for i in range(n)],
+                "punsafe": pa.array([0.1 * i for i in range(n)], pa.float32()),
+                "similarity": [0.3] * n,
+                "WIDTH": list(range(n)),
+                "unused": ["x"] * n,
+            }
+        ),
+        path,
+    )
+    return path
+
+
+def test_laion_parquet_with_configured_columns(tmp_path):
+    source = SourceConfig(
+        name="laion",
+        path=laion_parquet(tmp_path / "laion.parquet", 5),
+        url_col="URL",
+        caption_col="TEXT",
+        extra_cols=["punsafe", "similarity", "WIDTH"],
+    )
+    table = read_url_list(source)
+    assert table.column_names == ["url", "caption", "source", "punsafe", "pwatermark", "similarity", "WIDTH"]
+    assert table["url"].to_pylist() == [f"http://example.com/{i}.jpg" for i in range(5)]
+    assert table["source"].to_pylist() == ["laion"] * 5
+    assert table.schema.field("punsafe").type == pa.float64()
+    assert table["punsafe"].to_pylist() == pytest.approx([0.1 * i for i in range(5)])
+    assert table["pwatermark"].null_count == 5
+    assert table["WIDTH"].to_pylist() == list(range(5))
+
+
+def test_cc12m_tsv_keeps_quotes_in_captions(tmp_path):
+    path = tmp_path / "cc12m.tsv"
+    path.write_text(
+        "image_url\tcaption\tpwatermark\n"
+        'http://a.com/1.jpg\tthe "best" dog\'s toy\t0.25\n'
+        'http://a.com/2.jpg\t"quoted start\t0.5\n'
+    )
+    source = SourceConfig(name="cc12m", path=path, kind="cc12m_tsv", url_col="image_url", extra_cols=["pwatermark"])
+    table = read_url_list(source)
+    assert table["caption"].to_pylist() == ['the "best" dog\'s toy', '"quoted start']
+    assert table["pwatermark"].to_pylist() == [0.25, 0.5]
+    assert table["punsafe"].null_count == 2
+
+
+def test_missing_column_names_column_file_and_available(tmp_path):
+    path = laion_parquet(tmp_path / "laion.parquet", 2)
+    source = SourceConfig(name="laion", path=path, url_col="URL", caption_col="caption")
+    with pytest.raises(ValueError) as err:
+        read_url_list(source)
+    message = str(err.value)
+    assert "'caption'" in message and str(path) in message and "URL, TEXT" in message
+
+
+def test_missing_file_and_empty_lists(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        read_url_list(SourceConfig(name="a", path=tmp_path / "nope.parquet"))
+    header_only = tmp_path / "empty.tsv"
+    header_only.write_text("url\tcaption\n")
+    zero_bytes = tmp_path / "zero.tsv"
+    zero_bytes.write_text("")
+    empty_parquet = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}), empty_parquet)
+    for path, kind in [(header_only, "cc12m_tsv"), (zero_bytes, "cc12m_tsv"), (empty_parquet, "laion_parquet")]:
+        table = read_url_list(SourceConfig(name="e", path=path, kind=kind))
+        assert table.num_rows == 0
+        assert shard_url_list(table, "e", 10) == []
+
+
+def test_shards_are_numbered_stably_as_the_list_grows(tmp_path):
+    short = read_url_list(SourceConfig(name="s", path=laion_parquet(tmp_path / "a.parquet", 7), url_col="URL", caption_col="TEXT"))
+    longer = read_url_list(SourceConfig(name="s", path=laion_parquet(tmp_path / "b.parquet", 12), url_col="URL", caption_col="TEXT"))
+    first = shard_url_list(short, "s", 3)
+    second = shard_url_list(longer, "s", 3)
+    assert [k for k, _ in first] == ["s-00000", "s-00001", "s-00002"]
+    assert [k for k, _ in second] == ["s-00000", "s-00001", "s-00002", "s-00003"]
+    assert [t.num_rows for _, t in second] == [3, 3, 3, 3]
+    for (_, a), (_, b) in zip(first[:2], second[:2]):
+        assert a.equals(b)  # full shards do not change when the list grows
+    assert first[2][1]["key"].to_pylist() == ["s-000000006"]
+    keys = [k for _, t in second for k in t["key"].to_pylist()]
+    assert keys == [f"s-{i:09d}" for i in range(12)]
+    assert second[0][1].schema == URLS
+
+
+def test_write_url_shards_leaves_identical_files_untouched(tmp_path):
+    list_path = laion_parquet(tmp_path / "list.parquet", 5)
+    other = tmp_path / "other.tsv"
+    other.write_text("url\tcaption\nhttp://b.com/1.png\tone\n")
+    config = PipelineConfig(
+        root=tmp_path / "root",
+        sources=[
+            SourceConfig(name="laion", path=list_path, url_col="URL", caption_col="TEXT"),
+            SourceConfig(name="cc", path=other, kind="cc12m_tsv"),
+        ],
+        shard_size=2,
+    )
+    assert write_url_shards(config) == ["laion-00000", "laion-00001", "laion-00002", "cc-00000"]
+    urls_dir = tmp_path / "root" / "urls"
+    assert read_parquet(urls_dir / "laion-00002.parquet")["key"].to_pylist() == ["laion-000000004"]
+    old = 1_000_000_000
+    for path in urls_dir.glob("*.parquet"):
+        os.utime(path, (old, old))
+
+    laion_parquet(list_path, 6)  # the list grows by one row: only the last shard changes
+    assert write_url_shards(config) == ["laion-00000", "laion-00001", "laion-00002", "cc-00000"]
+    mtimes = {p.name: p.stat().st_mtime for p in urls_dir.glob("*.parquet")}
+    assert mtimes["laion-00000.parquet"] == old and mtimes["laion-00001.parquet"] == old
+    assert mtimes["cc-00000.parquet"] == old
+    assert mtimes["laion-00002.parquet"] != old
+    assert read_parquet(urls_dir / "laion-00002.parquet").num_rows == 2
+    assert sorted(p.name for p in urls_dir.iterdir()) == sorted(f"{k}.parquet" for k in ["laion-00000", "laion-00001", "laion-00002", "cc-00000"])
