@@ -12,6 +12,7 @@ import hashlib
 import io
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -30,6 +31,10 @@ from etl.sources import write_url_shards
 from etl.storage import read_parquet, write_parquet_atomic
 from orchestration import partitions
 from orchestration.resources import PipelineResource
+
+# Mapping a (shard, resolution) partition to its shard or resolution is a beta API in Dagster; it is the
+# documented way to express this lineage, so its warning is noise here.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 # Bump when a stage's code changes what it writes, so Dagster marks its outputs stale.
 CODE_VERSION = "1"

@@ -213,6 +213,15 @@ class BucketConfig:
 
 
 @dataclass
+class AutomationConfig:
+    # A folder of URL lists: each *.parquet (LAION-style) or *.tsv (CC12M-style) file dropped here
+    # becomes a source named after the file, with columns `url` and `caption`; the sensor picks it up.
+    watch_dir: Path | None = None
+    recaption_cron: str = "0 * * * *"  # the schedule that backfills recaptioning
+    recaption_pool_limit: int | None = None  # recaption steps at once; None: one per visible GPU (1 on CPU)
+
+
+@dataclass
 class PipelineConfig:
     root: Path
     sources: list[SourceConfig]
@@ -222,6 +231,7 @@ class PipelineConfig:
     recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
     buckets: BucketConfig = field(default_factory=BucketConfig)
     concurrency: int = 2  # Dagster runs (one per partition) executed at once
+    automation: AutomationConfig = field(default_factory=AutomationConfig)
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -238,4 +248,22 @@ class PipelineConfig:
         config.root = (base / config.root).resolve()
         for source in config.sources:
             source.path = (base / source.path).resolve()
+        if config.automation.watch_dir is not None:
+            config.automation.watch_dir = (base / config.automation.watch_dir).resolve()
         return config
+
+    def all_sources(self) -> list[SourceConfig]:
+        """The configured sources, then one per URL list found in `automation.watch_dir`."""
+        watched = []
+        folder = self.automation.watch_dir
+        if folder is not None and folder.is_dir():
+            configured = {s.path for s in self.sources}
+            kinds = {".parquet": "laion_parquet", ".tsv": "cc12m_tsv"}
+            for path in sorted(p for p in folder.iterdir() if p.suffix in kinds and p.resolve() not in configured):
+                name = "".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem)
+                watched.append(SourceConfig(name=name, path=path.resolve(), kind=kinds[path.suffix]))
+        sources = self.sources + watched
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sources: names must be unique (watched files included), got {names}")
+        return sources

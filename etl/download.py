@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from etl.config import DownloadConfig
 from etl.schema import CANONICAL, OPTIONAL_FLOAT_COLUMNS, StepResult, conform, empty_rejects, make_rejects
+from etl.storage import read_parquet
 
 STAGE = "download"
 KEY_COLUMN = "sample_key"  # img2dataset reserves "key" for its own numbering; ours travels under this name
@@ -161,6 +162,39 @@ def _read_records(output: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
 
 
+def resize_reason(message: str | None) -> str:
+    """A reason for img2dataset's "failed_to_resize" status: its size limits, else OpenCV failed to decode."""
+    message = message or ""
+    if "buf.empty()" in message:
+        return "empty_body"
+    return {
+        "image too small": "too_small",
+        "image area too large": "too_large",
+        "aspect ratio too large": "aspect_ratio",
+    }.get(message, "decode_error")
+
+
+def sample_outcome(record: dict, image_column: str) -> tuple:
+    """One img2dataset record -> ("kept", image, width, height, original_width, original_height, sha256)
+    or ("rejected", reason, detail)."""
+    status, message = record.get("status"), record.get("error_message")
+    if status == "failed_to_resize":
+        return "rejected", resize_reason(message), message
+    if status != "success":
+        return "rejected", reason_for(message), message
+    image = record.get(image_column)
+    identified = identify_image(image)
+    if isinstance(identified[0], str):
+        return ("rejected", *identified)
+    width, height = identified
+    # img2dataset leaves the original size empty when it does not decode (disable_all_reencoding)
+    original_width = record.get("original_width") or width
+    original_height = record.get("original_height") or height
+    # img2dataset hashes the bytes as downloaded, before any re-encoding
+    sha256 = record.get("sha256") or hashlib.sha256(image).hexdigest()
+    return "kept", image, width, height, original_width, original_height, sha256
+
+
 def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig) -> StepResult:
     """Download ``urls`` (etl.schema.URLS rows) with img2dataset; returns CANONICAL kept rows + rejects."""
     for name in ("key", "url"):
@@ -173,7 +207,7 @@ def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig) -> StepR
     fetchable = [i for i, url in enumerate(url_values) if is_fetchable(url)]
     row_of_key = {key: i for i, key in enumerate(keys)}
 
-    kept_rows: list[tuple[int, bytes, int, int, int, int, str]] = []  # (input row, image, w, h, ow, oh, sha256)
+    kept_rows: list[tuple] = []  # (input row, image, width, height, original_width, original_height, sha256)
     reject_rows: list[tuple[int, str, str]] = [  # (input row, reason, detail)
         (i, "invalid_url", f"not an http(s) URL: {url_values[i]!r}")
         for i in sorted(set(range(len(keys))) - set(fetchable))
@@ -187,35 +221,16 @@ def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig) -> StepR
             pq.write_table(pa.table({KEY_COLUMN: to_send["key"], "url": to_send["url"]}), url_list)
             output = scratch / "output"
             run_img2dataset(_img2dataset_arguments(url_list, output, len(fetchable), cfg))
-            records = _read_records(output)
-            original = cfg.encode_format == "original"
             # img2dataset names the image column after its encode_format (with no re-encoding: "jpg", original bytes)
-            image_column = "jpg" if original else cfg.encode_format
+            image_column = "jpg" if cfg.encode_format == "original" else cfg.encode_format
             recorded = set()
-            for record in records.to_pylist():
+            for record in _read_records(output).to_pylist():
                 row = row_of_key.get(record[KEY_COLUMN])
                 if row is None or row in recorded:
                     raise RuntimeError(f"img2dataset returned an unexpected or repeated key {record[KEY_COLUMN]!r}")
                 recorded.add(row)
-                status, message = record.get("status"), record.get("error_message")
-                if status == "failed_to_resize":
-                    # resize_mode "no" and no size limits: OpenCV's decoder is the only thing that can fail here
-                    reject_rows.append((row, "empty_body" if "buf.empty()" in (message or "") else "decode_error", message))
-                elif status != "success":
-                    reject_rows.append((row, reason_for(message), message))
-                elif original:
-                    image = record[image_column]
-                    identified = identify_image(image)
-                    if isinstance(identified[0], str):
-                        reject_rows.append((row, *identified))
-                    else:
-                        width, height = identified
-                        kept_rows.append((row, image, width, height, width, height, record["sha256"]))
-                else:
-                    kept_rows.append(
-                        (row, record[image_column], record["width"], record["height"],
-                         record["original_width"], record["original_height"], record["sha256"])
-                    )
+                outcome = sample_outcome(record, image_column)
+                (kept_rows if outcome[0] == "kept" else reject_rows).append((row, *outcome[1:]))
             for row in sorted(set(fetchable) - recorded):
                 reject_rows.append((row, "not_recorded", "img2dataset wrote no record for this sample (see its log)"))
         finally:
@@ -255,3 +270,108 @@ def _rejects_table(urls: pa.Table, reject_rows: list) -> pa.Table:
     return make_rejects(
         taken["key"].to_pylist(), taken["url"].to_pylist(), STAGE, [r[1] for r in reject_rows], [r[2] for r in reject_rows]
     )
+
+
+# --- already-downloaded img2dataset / webdataset output ---------------------------------------
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# webdataset's sample convention (as webdataset.tariterators.base_plus_ext): the key is the path up to
+# the first dot of the file name, the rest is the field ("000001.jpg", "dir/000001.json").
+_TAR_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def _image_field(sample: dict) -> str | None:
+    return next((ext for ext in IMAGE_EXTENSIONS if sample.get(ext) is not None), None)
+
+
+def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                match = _TAR_MEMBER.match(member.name)
+                if member.isfile() and match:
+                    samples.setdefault(match.group(1), {})[match.group(2).lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ValueError(f"cannot read webdataset tar {path}: {err}") from err
+    return samples
+
+
+def _records_from_tar(tar_path: Path) -> list[dict]:
+    """img2dataset writes every sample's status to a parquet beside the tar; tars from elsewhere carry only
+    successes, with their metadata in each sample's json."""
+    samples = _read_tar(tar_path)
+    status_file = tar_path.with_suffix(".parquet")
+    if status_file.exists():
+        records = read_parquet(status_file).to_pylist()
+        for record in records:
+            sample = samples.get(record["key"], {})
+            field = _image_field(sample)
+            record["image"] = sample[field] if field else None
+            if record.get("status") == "success" and field is None:
+                record.update(status="failed_to_download", error_message=f"no image for this key in {tar_path.name}")
+        return records
+    records = []
+    for key, sample in samples.items():
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        field = _image_field(sample)
+        record = {**meta, "key": key, "image": sample[field] if field else None}
+        if record.get("caption") is None and "txt" in sample:
+            record["caption"] = sample["txt"].decode("utf-8", errors="replace")
+        record.setdefault("status", "success" if field else "failed_to_download")
+        if field is None:
+            record["error_message"] = record.get("error_message") or f"no image in the sample's files {sorted(sample)}"
+        records.append(record)
+    return records
+
+
+def _records_from_parquet(path: Path) -> list[dict]:
+    records = read_parquet(path).to_pylist()
+    for record in records:
+        field = _image_field(record)
+        record["image"] = record[field] if field else None
+    return records
+
+
+def import_img2dataset_output(path: Path, source: str | None = None) -> StepResult:
+    """Normalise an img2dataset output folder (parquet, or webdataset tars) into CANONICAL rows + rejects.
+
+    Keys are ``<source>-<img2dataset key>``; ``source`` defaults to the folder's name.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"img2dataset output folder not found: {path}")
+    source = source or path.name
+    tars = sorted(path.glob("*.tar"))
+    parquets = [p for p in sorted(path.glob("*.parquet")) if p.with_suffix(".tar") not in tars]
+    if not tars and not parquets:
+        raise ValueError(f"no img2dataset output (*.parquet or *.tar shards) in {path}")
+    records = [r for p in parquets for r in _records_from_parquet(p)] + [r for t in tars for r in _records_from_tar(t)]
+
+    if any(record.get("key") is None for record in records):
+        raise ValueError(f"{path}: a record has no 'key'; is this img2dataset output?")
+    keys = [f"{source}-{record['key']}" for record in records]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{path}: img2dataset keys repeat across shards; import each output folder on its own")
+    meta = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "url": pa.array([r.get("url") for r in records], pa.string()),
+            "caption": pa.array([r.get("caption") for r in records], pa.string()),
+            "source": pa.array([source] * len(records), pa.string()),
+            **{
+                name: pa.array([r.get(name) for r in records], pa.float64())
+                for name in OPTIONAL_FLOAT_COLUMNS
+            },
+        }
+    )
+    kept_rows, reject_rows = [], []
+    for row, record in enumerate(records):
+        outcome = sample_outcome(record, "image")
+        (kept_rows if outcome[0] == "kept" else reject_rows).append((row, *outcome[1:]))
+    result = StepResult(kept=_kept_table(meta, kept_rows), rejects=_rejects_table(meta, reject_rows))
+    check_accounting(keys, result)
+    return result

@@ -97,7 +97,7 @@ def _same_content(path: Path, table: pa.Table) -> bool:
 def write_url_shards(config: PipelineConfig) -> list[str]:
     """Write ``<root>/urls/<shard_key>.parquet`` for every source; identical files are left untouched."""
     shard_keys = []
-    for source in config.sources:
+    for source in config.all_sources():
         table = read_url_list(source)
         for shard_key, shard in shard_url_list(table, source.name, config.shard_size):
             path = Path(config.root) / "urls" / f"{shard_key}.parquet"

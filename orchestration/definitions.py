@@ -14,7 +14,7 @@ import dagster as dg
 
 from assets.pipeline import build_pipeline_assets
 from etl.config import PipelineConfig
-from orchestration import partitions
+from orchestration.automation import build_automation
 from orchestration.resources import PipelineResource
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "demo.yaml"
@@ -39,10 +39,15 @@ def config_path() -> str:
 def build_definitions(path: str) -> dg.Definitions:
     config = PipelineConfig.from_yaml(path)
     assets = build_pipeline_assets(config.buckets.resolutions)
-    jobs = [dg.define_asset_job(name, selection=dg.AssetSelection.assets(*keys)) for name, keys, _ in STAGE_JOBS]
+    selections = {name: keys for name, keys, _ in STAGE_JOBS} | {"recaption_job": ["recaptioned"]}
+    jobs = {name: dg.define_asset_job(name, selection=dg.AssetSelection.assets(*keys))
+            for name, keys in selections.items()}
+    sensors, schedules = build_automation(config, jobs)
     return dg.Definitions(
         assets=assets,
-        jobs=jobs,
+        jobs=list(jobs.values()),
+        sensors=sensors,
+        schedules=schedules,
         resources={"pipeline": PipelineResource(config_path=str(Path(path).resolve()))},
         executor=dg.multiprocess_executor.configured({"max_concurrent": max(1, config.concurrency)}),
     )
@@ -51,10 +56,6 @@ def build_definitions(path: str) -> dg.Definitions:
 def stage_job(name: str) -> dg.JobDefinition:
     """Reconstructs a stage job in any process (the multiprocess executor's children call this)."""
     return build_definitions(config_path()).resolve_job_def(name)
-
-
-def shard_partitions() -> dg.DynamicPartitionsDefinition:
-    return partitions.shards
 
 
 defs = build_definitions(config_path())

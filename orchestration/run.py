@@ -60,8 +60,10 @@ def _tags(kind: str | None, key: str | None, config: PipelineConfig) -> dict[str
     return dict(partitions.shard_by_resolution(config.buckets.resolutions).get_tags_for_partition_key(key))
 
 
-def recaption_pool_limit() -> int:
-    """The recaption step is GPU-bound: one at a time per visible GPU (one on CPU)."""
+def recaption_pool_limit(config: PipelineConfig) -> int:
+    """The recaption step is GPU-bound: by default one at a time per visible GPU (one on CPU)."""
+    if config.automation.recaption_pool_limit is not None:
+        return config.automation.recaption_pool_limit
     import torch
 
     return max(1, torch.cuda.device_count())
@@ -75,7 +77,7 @@ def run_pipeline(config_path: str | Path, instance: dg.DagsterInstance | None = 
     os.environ[CONFIG_ENV] = config_path
     build_definitions(config_path)
     instance = instance or dg.DagsterInstance.get()
-    instance.event_log_storage.set_concurrency_slots("recaption", recaption_pool_limit())
+    instance.event_log_storage.set_concurrency_slots("recaption", recaption_pool_limit(config))
     layout = DataLayout(config.root)
 
     for job_name, asset_keys, kind in STAGE_JOBS:

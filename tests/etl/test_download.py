@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import signal
+import tarfile
 import threading
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from etl.config import DownloadConfig
-from etl.download import download_shard, reason_for
+from etl.download import download_shard, import_img2dataset_output, reason_for, run_img2dataset
 from etl.schema import CANONICAL, REJECTS
 from tests.etl.fault_server import VALID_JPEG, VALID_JPEG_SIZE, VALID_PNG, VALID_PNG_SIZE, FaultServer
 
@@ -178,3 +181,87 @@ def test_empty_shard_and_bad_tables():
 )
 def test_reason_for_urllib_messages(message, reason):
     assert reason_for(message) == reason
+
+
+# --- already-downloaded img2dataset output ----------------------------------------------------
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "webdataset"])
+def test_import_real_img2dataset_output(tmp_path, output_format):
+    with FaultServer() as server:
+        routes = ["/404", "/valid.png", "/valid.jpg", "/random", "/empty"]
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [server.url(r) for r in routes],
+                    "text": [f"alt {r}" for r in routes],
+                    "punsafe": [0.1, 0.2, 0.3, 0.4, 0.5],
+                }
+            ),
+            tmp_path / "list.parquet",
+        )
+        run_img2dataset(
+            {
+                "url_list": str(tmp_path / "list.parquet"),
+                "output_folder": str(tmp_path / "laion"),
+                "input_format": "parquet",
+                "output_format": output_format,
+                "caption_col": "text",
+                "save_additional_columns": ["punsafe"],
+                "image_size": 32,  # img2dataset's own resize (border mode) before we import
+                "number_sample_per_shard": 3,
+                "processes_count": 1,
+                "thread_count": 2,
+                "timeout": TIMEOUT,
+            }
+        )
+    result = import_img2dataset_output(tmp_path / "laion")
+    assert result.counts == {"kept": 2, "decode_error": 1, "empty_body": 1, "http_404": 1}
+    assert result.kept.schema == CANONICAL
+    kept = {row["caption"]: row for row in result.kept.to_pylist()}
+    assert set(kept) == {"alt /valid.png", "alt /valid.jpg"}
+    png = kept["alt /valid.png"]
+    assert (png["width"], png["height"]) == (32, 32)
+    assert (png["original_width"], png["original_height"]) == VALID_PNG_SIZE
+    assert png["sha256"] == hashlib.sha256(VALID_PNG).hexdigest()
+    assert png["punsafe"] == 0.2 and png["source"] == "laion" and png["key"].startswith("laion-")
+    with Image.open(io.BytesIO(png["image"])) as image:
+        assert image.size == (32, 32)
+    keys = result.kept["key"].to_pylist() + result.rejects["key"].to_pylist()
+    assert len(set(keys)) == 5
+
+
+def test_import_plain_webdataset_tar(tmp_path):
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    members = {
+        "a/000.png": VALID_PNG,
+        "a/000.txt": b"a red box",
+        "a/000.json": json.dumps({"url": "http://x/0.png", "similarity": 0.31}).encode(),
+        "a/001.jpg": b"<html>nope</html>",
+        "a/002.txt": b"caption without image",
+    }
+    with tarfile.open(folder / "shard-0.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    result = import_img2dataset_output(folder, source="web")
+    [row] = result.kept.to_pylist()
+    assert row["key"] == "web-a/000" and row["caption"] == "a red box" and row["url"] == "http://x/0.png"
+    assert row["image"] == VALID_PNG and (row["width"], row["height"]) == VALID_PNG_SIZE
+    assert row["similarity"] == 0.31
+    assert dict(zip(result.rejects["key"].to_pylist(), result.rejects["reason"].to_pylist())) == {
+        "web-a/001": "decode_error",
+        "web-a/002": "other",
+    }
+
+
+def test_import_errors_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        import_img2dataset_output(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no img2dataset output"):
+        import_img2dataset_output(tmp_path)
+    (tmp_path / "00000.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ValueError, match="00000.tar"):
+        import_img2dataset_output(tmp_path)

@@ -1,0 +1,85 @@
+"""The sensor and the schedule, evaluated in-process against a real Dagster instance."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from etl.layout import DataLayout
+from etl.storage import write_parquet_atomic
+from orchestration.definitions import build_definitions
+
+
+def url_list(path, n):
+    pq.write_table(pa.table({"url": [f"http://127.0.0.1:9/{i}.png" for i in range(n)],
+                             "caption": [f"image {i}" for i in range(n)]}), path)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    url_list(watch / "laion-part-1.parquet", 5)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "root": str(tmp_path / "run"), "sources": [], "shard_size": 2,
+        "automation": {"watch_dir": str(watch), "recaption_cron": "*/15 * * * *"},
+        "buckets": {"resolutions": [64]},
+    }))
+    defs = build_definitions(str(config))
+    with dg.instance_for_test() as instance:
+        yield defs, instance, watch, DataLayout(tmp_path / "run")
+
+
+def resources(defs):
+    return {"pipeline": defs.resources["pipeline"]}
+
+
+def evaluate_sensor(defs, instance, cursor=None):
+    sensor = defs.resolve_sensor_def("url_lists_sensor")
+    with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                 resources=resources(defs)) as context:
+        return sensor(context)
+
+
+def test_sensor_registers_new_url_lists_and_requests_downloads(setup):
+    defs, instance, watch, layout = setup
+    first = evaluate_sensor(defs, instance)
+    assert [r.job_name for r in first.run_requests] == ["url_shards_job"]
+
+    # What the daemon would launch: the url_shards run registers one partition per shard.
+    assert defs.resolve_job_def("url_shards_job").execute_in_process(instance=instance).success
+    assert instance.get_dynamic_partitions("shards") == ["laion-part-1-00000", "laion-part-1-00001",
+                                                         "laion-part-1-00002"]
+    second = evaluate_sensor(defs, instance, cursor=first.cursor)
+    assert {(r.job_name, r.partition_key) for r in second.run_requests} == {
+        ("download_job", s) for s in instance.get_dynamic_partitions("shards")}
+
+    url_list(watch / "cc12m-extra.parquet", 3)
+    third = evaluate_sensor(defs, instance, cursor=second.cursor)
+    assert "url_shards_job" in [r.job_name for r in third.run_requests]
+
+
+def test_schedule_backfills_missing_and_stale_captions(setup):
+    defs, instance, _, layout = setup
+    assert defs.resolve_job_def("url_shards_job").execute_in_process(instance=instance).success
+    shards = layout.shards()
+    table = pa.table({"key": ["k"]})
+    for shard in shards:
+        write_parquet_atomic(table, layout.filtered(shard))
+    write_parquet_atomic(table, layout.recaptioned(shards[0]))  # up to date
+    write_parquet_atomic(table, layout.recaptioned(shards[1]))
+    later = time.time_ns() + 10**9
+    os.utime(layout.filtered(shards[1]), ns=(later, later))  # filtered again after captioning: stale
+
+    schedule = defs.resolve_schedule_def("recaption_backfill")
+    with dg.build_schedule_context(instance=instance, resources=resources(defs)) as context:
+        requests = schedule(context)
+    assert sorted(r.partition_key for r in requests) == sorted(shards[1:])
+    assert schedule.cron_schedule == "*/15 * * * *"
