@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -21,7 +22,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
@@ -40,6 +40,7 @@ _REASONS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"X-Robots-Tag"), "robots_disallowed"),
     (re.compile(r"SSL|CERTIFICATE", re.I), "ssl_error"),
     (re.compile(r"decod|cannot identify image", re.I), "decode_error"),
+    (re.compile(r"^no image"), "missing_image"),  # our own message for a webdataset sample without an image
     (
         re.compile(r"urlopen error|connection|remote end closed|IncompleteRead|Name or service|getaddrinfo", re.I),
         "connection_error",
@@ -72,7 +73,7 @@ def identify_image(data: bytes | None) -> tuple[int, int] | tuple[str, str]:
     Header-level only: the filter stage decodes fully and rejects truncated pixel data.
     """
     if not data:
-        return "empty_body", "the server sent zero bytes"
+        return "empty_body", "zero bytes of image data"
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size
@@ -110,19 +111,26 @@ def run_img2dataset(arguments: dict) -> None:
 
     img2dataset installs a SIGINT handler (only allowed on the main thread), starts a logger process
     and a spawn pool; a child interpreter keeps all of that out of the caller (tests, Dagster steps)
-    and lets it be called any number of times.
+    and lets it be called any number of times. It runs in its own process group so that an interrupted
+    caller can stop it together with the worker processes it started.
     """
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    completed = subprocess.run(
+    with subprocess.Popen(
         [sys.executable, "-c", _RUN_IMG2DATASET],
-        input=json.dumps(arguments),
-        capture_output=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         env=env,
-    )
-    if completed.returncode != 0:
-        log = (completed.stdout + completed.stderr)[-4000:]
-        raise RuntimeError(f"img2dataset failed (exit code {completed.returncode}):\n{log}")
+        start_new_session=True,
+    ) as process:
+        try:
+            log, _ = process.communicate(json.dumps(arguments))
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    if process.returncode != 0:
+        raise RuntimeError(f"img2dataset failed (exit code {process.returncode}):\n{log[-4000:]}")
 
 
 def _img2dataset_arguments(url_list: Path, output: Path, rows: int, cfg: DownloadConfig) -> dict:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from trainer.sample_cli import add_parser as add_sample_parser
+
 WORKSPACE = Path(__file__).resolve().parents[1] / "workspace.yaml"
 
 
@@ -52,7 +54,16 @@ def cmd_serve(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from dagster import DagsterInstance
+
+    from etl.config import PipelineConfig
+    from orchestration.definitions import config_path
+    from orchestration.run import recaption_pool_limit
+
     home = dagster_home()
+    with DagsterInstance.get() as instance:
+        limit = recaption_pool_limit(PipelineConfig.from_yaml(config_path()))
+        instance.event_log_storage.set_concurrency_slots("recaption", limit)
     print(f"Dagster UI on http://127.0.0.1:{args.port} (DAGSTER_HOME={home})")
     command = ["dagster", "dev", "-w", str(WORKSPACE), "-h", "127.0.0.1", "-p", str(args.port)]
     return subprocess.call([str(Path(sys.executable).parent / command[0]), *command[1:]])
@@ -83,11 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
 
-    import importlib.util  # TEMP until trainer.sample_cli lands
-    if importlib.util.find_spec("trainer.sample_cli"):
-        from trainer.sample_cli import add_parser as add_sample_parser
-
-        add_sample_parser(commands)
+    add_sample_parser(commands)
     return parser
 
 

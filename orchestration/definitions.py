@@ -15,6 +15,7 @@ import dagster as dg
 from assets.pipeline import build_pipeline_assets
 from etl.config import PipelineConfig
 from orchestration.automation import build_automation
+from orchestration.lineage import CHECKPOINT
 from orchestration.resources import PipelineResource
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "demo.yaml"
@@ -44,7 +45,7 @@ def build_definitions(path: str) -> dg.Definitions:
             for name, keys in selections.items()}
     sensors, schedules = build_automation(config, jobs)
     return dg.Definitions(
-        assets=assets,
+        assets=[*assets, CHECKPOINT],
         jobs=list(jobs.values()),
         sensors=sensors,
         schedules=schedules,

@@ -6,7 +6,9 @@ import hashlib
 import io
 import json
 import signal
+import struct
 import tarfile
+import zlib
 import threading
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from PIL import Image
 
 from etl.config import DownloadConfig
-from etl.download import download_shard, import_img2dataset_output, reason_for, run_img2dataset
+from etl.download import download_shard, identify_image, import_img2dataset_output, reason_for, run_img2dataset
 from etl.schema import CANONICAL, REJECTS
 from tests.etl.fault_server import VALID_JPEG, VALID_JPEG_SIZE, VALID_PNG, VALID_PNG_SIZE, FaultServer
 
@@ -253,7 +255,7 @@ def test_import_plain_webdataset_tar(tmp_path):
     assert row["similarity"] == 0.31
     assert dict(zip(result.rejects["key"].to_pylist(), result.rejects["reason"].to_pylist())) == {
         "web-a/001": "decode_error",
-        "web-a/002": "other",
+        "web-a/002": "missing_image",
     }
 
 
@@ -265,3 +267,20 @@ def test_import_errors_name_the_folder(tmp_path):
     (tmp_path / "00000.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ValueError, match="00000.tar"):
         import_img2dataset_output(tmp_path)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG signature, IHDR and an empty IDAT: enough for Pillow to read the size, no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", b"")
+
+
+def test_identify_image_keeps_pillows_decompression_bomb_limit():
+    assert identify_image(png_header(40, 30)) == (40, 30)
+    reason, detail = identify_image(png_header(30_000, 30_000))
+    assert reason == "decompression_bomb" and "pixels" in detail
+    assert identify_image(b"")[0] == "empty_body"
+    assert identify_image(b"GIF89a\x00")[0] == "decode_error"
