@@ -8,17 +8,21 @@ import pyarrow.compute as pc
 from etl.schema import REJECTS, StepResult, make_rejects
 
 
-def check_accounting(input_keys: pa.Array | pa.ChunkedArray, result: StepResult, stage: str) -> None:
-    """Raise when a stage lost, invented or double-counted a row."""
-    given = input_keys.to_pylist()
+class AccountingError(RuntimeError):
+    pass
+
+
+def check_accounting(input_keys, result: StepResult, stage: str) -> None:
+    """Raise when a stage lost, invented or double-counted a row (``input_keys``: a list or Arrow array)."""
+    given = input_keys if isinstance(input_keys, list) else input_keys.to_pylist()
     kept = result.kept["key"].to_pylist()
     rejected = result.rejects["key"].to_pylist()
     out = kept + rejected
     if len(out) != len(given) or set(out) != set(given) or len(set(out)) != len(out):
         missing = sorted(set(given) - set(out))[:5]
         extra = sorted(set(out) - set(given))[:5]
-        raise AssertionError(
-            f"stage {stage}: {len(given)} rows in, {len(kept)} kept + {len(rejected)} rejected;"
+        raise AccountingError(
+            f"stage {stage} broke the accounting: {len(given)} rows in, {len(kept)} kept + {len(rejected)} rejected;"
             f" missing {missing}, unexpected {extra}"
         )
 

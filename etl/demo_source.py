@@ -101,5 +101,5 @@ def make_demo_source(out_dir: Path, n: int, base_url: str, seed: int = 0) -> Pat
         urls.append(f"{base_url.rstrip('/')}/images/{name}")
         captions.append(caption_for(colour, shape, background))
 
-    table = pa.table({"url": urls, "caption": captions}, schema=pa.schema([("url", pa.string()), ("caption", pa.string())]))
+    table = pa.table({"url": pa.array(urls, pa.string()), "caption": pa.array(captions, pa.string())})
     return write_parquet_atomic(table, out_dir / "urls.parquet")

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from etl.accounting import check_accounting
 from etl.config import DownloadConfig
 from etl.schema import CANONICAL, OPTIONAL_FLOAT_COLUMNS, StepResult, conform, empty_rejects, make_rejects
 from etl.storage import read_parquet
@@ -83,20 +84,6 @@ def identify_image(data: bytes | None) -> tuple[int, int] | tuple[str, str]:
         return "decode_error", f"not an image format Pillow knows; the body starts with {data[:24]!r}"
     except Exception as err:  # Pillow's format plugins raise many exception types on malformed headers
         return "decode_error", f"{type(err).__name__}: {err}"
-
-
-def check_accounting(input_keys: list[str], result: StepResult) -> None:
-    """Every input key lands in exactly one of kept/rejects, and nothing else does."""
-    kept = result.kept["key"].to_pylist()
-    rejected = result.rejects["key"].to_pylist()
-    out = kept + rejected
-    if len(out) != len(input_keys) or set(out) != set(input_keys) or len(set(out)) != len(out):
-        lost = sorted(set(input_keys) - set(out))[:5]
-        extra = sorted(set(out) - set(input_keys))[:5]
-        raise RuntimeError(
-            f"download accounting broken: {len(input_keys)} rows in, {len(kept)} kept + {len(rejected)} rejected; "
-            f"lost {lost}, unexpected {extra}"
-        )
 
 
 _RUN_IMG2DATASET = """
@@ -245,7 +232,7 @@ def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig) -> StepR
             shutil.rmtree(scratch, ignore_errors=True)
 
     result = StepResult(kept=_kept_table(urls, kept_rows), rejects=_rejects_table(urls, reject_rows))
-    check_accounting(keys, result)
+    check_accounting(keys, result, "download")
     return result
 
 
@@ -275,9 +262,8 @@ def _rejects_table(urls: pa.Table, reject_rows: list) -> pa.Table:
     reject_rows = sorted(reject_rows, key=lambda r: r[0])
     rows = [r[0] for r in reject_rows]
     taken = urls.take(rows)
-    return make_rejects(
-        taken["key"].to_pylist(), taken["url"].to_pylist(), STAGE, [r[1] for r in reject_rows], [r[2] for r in reject_rows]
-    )
+    reasons, details = [r[1] for r in reject_rows], [r[2] for r in reject_rows]
+    return make_rejects(taken["key"].to_pylist(), taken["url"].to_pylist(), STAGE, reasons, details)
 
 
 # --- already-downloaded img2dataset / webdataset output ---------------------------------------
@@ -381,5 +367,5 @@ def import_img2dataset_output(path: Path, source: str | None = None) -> StepResu
         outcome = sample_outcome(record, "image")
         (kept_rows if outcome[0] == "kept" else reject_rows).append((row, *outcome[1:]))
     result = StepResult(kept=_kept_table(meta, kept_rows), rejects=_rejects_table(meta, reject_rows))
-    check_accounting(keys, result)
+    check_accounting(keys, result, "download")
     return result

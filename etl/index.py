@@ -47,7 +47,10 @@ def _read_shard(path: Path) -> pa.Table:
     for name in INDEX_COLUMNS:
         if table[name].null_count:
             raise CorruptShardError(f"shard {path} has {table[name].null_count} rows with no {name}")
-    return table.cast(pa.schema([("key", pa.string()), ("height", pa.int32()), ("width", pa.int32())]))
+    try:
+        return table.cast(pa.schema([("key", pa.string()), ("height", pa.int32()), ("width", pa.int32())]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise CorruptShardError(f"shard {path}: key/height/width have the wrong types: {err}") from err
 
 
 def build_index(shard_paths: list[Path]) -> pa.Table:

@@ -64,7 +64,9 @@ def read_url_list(source: SourceConfig) -> pa.Table:
             try:
                 columns[name] = raw[name].cast(pa.float64())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-                raise ValueError(f"source '{source.name}': column '{name}' in {source.path} is not numeric: {err}") from err
+                raise ValueError(
+                    f"source '{source.name}': column '{name}' in {source.path} is not numeric: {err}"
+                ) from err
         else:
             columns[name] = pa.nulls(raw.num_rows, pa.float64())
     for name in source.extra_cols:

@@ -4,6 +4,8 @@
     <dir>/step_0001000/ema/          the EMA weights, same layout (optional)
     <dir>/step_0001000/encoders.json the EncodersConfig the model was trained with
     <dir>/step_0001000/meta.json     step, loss, dataset_version, ...
+    <dir>/step_0001000/trainer_state.pt   optimizer, scheduler, scaler, step, wandb run id (model ranks')
+    <dir>/step_0001000/ranks/rank_00003.pt every rank's RNG states and, on loader ranks, the sampler position
     <dir>/latest                     the name of the newest step folder
 
 A step folder is written under a temporary name and renamed into place, so a crash mid-write leaves
@@ -13,10 +15,12 @@ the previous checkpoints untouched and never a half-written step folder.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,17 +54,22 @@ def _fsync_tree(root: Path) -> None:
         _fsync(path)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync, rename: readers see the old file or the new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
 
 
 @contextlib.contextmanager
@@ -82,7 +91,7 @@ def atomic_step_folder(step_dir: str | os.PathLike) -> Iterator[Path]:
         else:
             tmp.rename(step_dir)
         _fsync(step_dir.parent)
-        _write_text_atomic(step_dir.parent / LATEST, step_dir.name + "\n")
+        write_text_atomic(step_dir.parent / LATEST, step_dir.name + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,3 +162,124 @@ def load_model(
     folder = step_dir / "ema" if prefer_ema and (step_dir / "ema").is_dir() else step_dir / "model"
     model = MMDiT.from_pretrained(folder, torch_dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
+
+
+# --- the resumable trainer state ---------------------------------------------------------------------
+#
+# Every rank (loader ranks included) writes its own state into a staging folder beside the step folders;
+# model-group rank 0 waits for all of them, then writes the weights and the shared trainer state and moves
+# the rank files into the same atomic step folder. Files, not an object collective, because
+# torch.distributed's object collectives pickle; the checkpoint folder is shared by all ranks anyway.
+
+TRAINER_STATE = "trainer_state.pt"
+RANKS = "ranks"
+STAGING_PREFIX = ".staging_"
+
+
+class CheckpointWriteError(RuntimeError):
+    pass
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def staging_folder(checkpoint_dir: str | os.PathLike, step: int) -> Path:
+    return Path(checkpoint_dir) / f"{STAGING_PREFIX}{step:07d}"
+
+
+def clean_stale_writes(checkpoint_dir: str | os.PathLike) -> None:
+    """Remove what a killed run left half-done: staging folders and temporary step folders. Call from one
+    rank before any rank starts training."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return
+    for path in checkpoint_dir.iterdir():
+        if path.name.startswith(STAGING_PREFIX) or (path.name.startswith(f".{STEP_PREFIX}") and ".tmp" in path.name):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_rank_state(checkpoint_dir: str | os.PathLike, step: int, rank: int, state: dict) -> None:
+    """One rank's part of the checkpoint of ``step`` (RNG states, sampler position): tensors and plain values."""
+    folder = staging_folder(checkpoint_dir, step)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(folder / _rank_file(rank), _torch_bytes({"step": step, "rank": rank, **state}))
+
+
+def wait_for_rank_states(checkpoint_dir: str | os.PathLike, step: int, world_size: int, timeout_s: float) -> list[Path]:
+    """The staged state files of every rank for ``step``; raises CheckpointWriteError naming the ranks
+    whose state did not arrive within ``timeout_s`` (a dead or stuck peer)."""
+    folder = staging_folder(checkpoint_dir, step)
+    paths = [folder / _rank_file(rank) for rank in range(world_size)]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [rank for rank, path in enumerate(paths) if not path.is_file()]
+        if not missing:
+            return paths
+        if time.monotonic() > deadline:
+            raise CheckpointWriteError(
+                f"checkpoint of step {step}: ranks {missing} did not write their state to {folder} within {timeout_s:.0f} s"
+            )
+        time.sleep(0.05)
+
+
+def prune_checkpoints(checkpoint_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest step folders (never the one ``latest`` names); returns those deleted."""
+    if keep < 1:
+        raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+    checkpoint_dir = Path(checkpoint_dir)
+    latest = checkpoint_dir / LATEST
+    protected = latest.read_text().strip() if latest.is_file() else None
+    steps = sorted(p for p in checkpoint_dir.glob(f"{STEP_PREFIX}*") if p.is_dir())
+    doomed = [p for p in steps[:-keep] if p.name != protected]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def save_checkpoint(
+    checkpoint_dir: str | os.PathLike, step: int, model: MMDiT, ema: MMDiT | None, encoders_config: EncodersConfig,
+    meta: dict, trainer_state: dict, rank_state_files: list[Path], keep: int,
+) -> Path:
+    """Weights, ``trainer_state`` and the staged rank files as one atomic step folder; ``latest`` names it,
+    then only the ``keep`` newest step folders are kept."""
+    step_dir = step_folder(checkpoint_dir, step)
+    with atomic_step_folder(step_dir) as tmp:
+        write_weights(tmp, model, ema, encoders_config, {"step": step, **meta})
+        (tmp / TRAINER_STATE).write_bytes(_torch_bytes({"step": step, **trainer_state}))
+        (tmp / RANKS).mkdir()
+        for path in rank_state_files:
+            shutil.copyfile(path, tmp / RANKS / path.name)
+    shutil.rmtree(staging_folder(checkpoint_dir, step), ignore_errors=True)
+    prune_checkpoints(checkpoint_dir, keep)
+    return step_dir
+
+
+def _load_state(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{path.parent} has no resumable state {path.name} (a weights-only checkpoint?)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_trainer_state(step_dir: str | os.PathLike) -> dict:
+    """Optimizer, scheduler, scaler, step, wandb run id of a checkpoint (see ``resolve_checkpoint``)."""
+    return _load_state(resolve_checkpoint(step_dir) / TRAINER_STATE)
+
+
+def load_rank_state(step_dir: str | os.PathLike, rank: int) -> dict:
+    return _load_state(resolve_checkpoint(step_dir) / RANKS / _rank_file(rank))
+
+
+def checkpoint_metadata(step_dir: str | os.PathLike) -> dict:
+    """step, loss and dataset_version of a saved checkpoint (the Dagster ``checkpoint`` asset's metadata)."""
+    meta = read_json(step_dir, "meta.json")
+    missing = {"step", "loss", "dataset_version"} - meta.keys()
+    if missing:
+        raise CheckpointNotFoundError(f"{resolve_checkpoint(step_dir)}/meta.json lacks {sorted(missing)}")
+    return {key: meta[key] for key in ("step", "loss", "dataset_version")}

@@ -90,8 +90,13 @@ PRESETS: dict[str, MMDiTConfig] = {
 
 # --- small layers --------------------------------------------------------------------------------
 
+# addcmul does each of these in one pass over the activations instead of two.
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(x, gate, update)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -140,15 +145,16 @@ def patch_positions(grid_h: int, grid_w: int, rescale: float, device) -> tuple[t
 
 
 def rope2d_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """(N, head_dim/2) rotation angles: the first half of each head's pairs rotate with the row, the
-    second half with the column, so q.k depends only on the (row, col) offset."""
+    """(N, head_dim/2) rotation angles: the first half of each head's channel pairs turn with the row,
+    the second half with the column, so q.k depends only on the (row, col) offset."""
     axis_dim = head_dim // 2
     freqs = theta ** (-torch.arange(0, axis_dim, 2, device=rows.device, dtype=torch.float32) / axis_dim)
     return torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, N, D); cos/sin (N, D/2) applied to consecutive channel pairs."""
+    """x (B, H, N, D): rotate consecutive channel pairs by cos/sin (N, D/2), in fp32. Real arithmetic
+    rather than complex numbers, which torch.compile cannot fuse."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
@@ -160,12 +166,20 @@ def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     """Softmax attention over (B, heads, L, head_dim) tensors, the layout SDPA takes without copies."""
-    flash_ok = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    flash_ok = flash_attn_func is not None and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16)
     if backend == "flash" and not flash_ok:
         raise RuntimeError("attention='flash' needs flash-attn installed and fp16/bf16 CUDA tensors")
     if backend in ("auto", "flash") and flash_ok:
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+class QKNorm(nn.RMSNorm):
+    """RMS-norm of queries or keys, computed in fp32 and returned in their dtype: under autocast they
+    arrive in bf16 while the weight stays fp32, and the fused kernel needs one dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).type_as(x)
 
 
 class SwiGLU(nn.Module):
@@ -200,8 +214,8 @@ class Stream(nn.Module):
         self.modulation = nn.Linear(cfg.dim, (6 if has_output else 2) * cfg.dim)
         self.norm_attn = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(cfg.dim, (3 if has_output else 2) * cfg.dim)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm and has_output else nn.Identity()
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.q_norm = QKNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm and has_output else nn.Identity()
+        self.k_norm = QKNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
         if has_output:
             self.proj = nn.Linear(cfg.dim, cfg.dim)
             self.norm_mlp = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
@@ -251,11 +265,11 @@ class JointBlock(nn.Module):
         c_mod = self.text.modulation(cond)[:, None].chunk(6 if self.text.has_output else 2, dim=-1)
         # modulation chunks: (shift, scale, gate) for attention, then (shift, scale, gate) for the MLP
         attn_x, attn_c = self._run(self.joint_attention, self.checkpoint_attn, x, c, x_mod[0], x_mod[1], c_mod[0], c_mod[1], rope)
-        x = x + x_mod[2] * attn_x
-        x = x + x_mod[5] * self._run(self.image.feed_forward, self.checkpoint_mlp, x, x_mod[3], x_mod[4])
+        x = gated_residual(x, x_mod[2], attn_x)
+        x = gated_residual(x, x_mod[5], self._run(self.image.feed_forward, self.checkpoint_mlp, x, x_mod[3], x_mod[4]))
         if self.text.has_output:
-            c = c + c_mod[2] * attn_c
-            c = c + c_mod[5] * self._run(self.text.feed_forward, self.checkpoint_mlp, c, c_mod[3], c_mod[4])
+            c = gated_residual(c, c_mod[2], attn_c)
+            c = gated_residual(c, c_mod[5], self._run(self.text.feed_forward, self.checkpoint_mlp, c, c_mod[3], c_mod[4]))
         return x, c
 
 

@@ -18,11 +18,11 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[torch.Tensor], None]
 
 
-def _velocity(velocity_fn: VelocityFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return velocity_fn(x, t.expand(x.shape[0]))
+def _velocity(velocity_fn: VelocityFn, x: torch.Tensor, t: float) -> torch.Tensor:
+    return velocity_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32))
 
 
-def euler(velocity_fn: VelocityFn, x: torch.Tensor, times: torch.Tensor, generator, callback: Callback | None) -> torch.Tensor:
+def euler(velocity_fn: VelocityFn, x: torch.Tensor, times: list[float], generator, callback: Callback | None) -> torch.Tensor:
     for t, t_next in zip(times[:-1], times[1:]):
         x = x + (t_next - t) * _velocity(velocity_fn, x, t)
         if callback is not None:
@@ -30,7 +30,7 @@ def euler(velocity_fn: VelocityFn, x: torch.Tensor, times: torch.Tensor, generat
     return x
 
 
-def euler_stochastic(velocity_fn: VelocityFn, x: torch.Tensor, times: torch.Tensor, generator, callback: Callback | None) -> torch.Tensor:
+def euler_stochastic(velocity_fn: VelocityFn, x: torch.Tensor, times: list[float], generator, callback: Callback | None) -> torch.Tensor:
     """Euler-Maruyama on the reverse SDE with the reference's noise level sigma(t) = t(1-t)/(1-t+0.008)
     (zero at both ends, largest mid-way) and noise scaled by sqrt(dt).
 
@@ -44,13 +44,13 @@ def euler_stochastic(velocity_fn: VelocityFn, x: torch.Tensor, times: torch.Tens
         sigma = t * (1 - t) / (1 - t + 0.008)
         drift = v + sigma**2 / (2 * t) * (x + (1 - t) * v)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x + dt * drift + sigma * math.sqrt(-dt.item()) * noise
+        x = x + dt * drift + sigma * math.sqrt(-dt) * noise
         if callback is not None:
             callback(x)
     return x
 
 
-def heun(velocity_fn: VelocityFn, x: torch.Tensor, times: torch.Tensor, generator, callback: Callback | None) -> torch.Tensor:
+def heun(velocity_fn: VelocityFn, x: torch.Tensor, times: list[float], generator, callback: Callback | None) -> torch.Tensor:
     """Second order: average the slope at t and at the Euler prediction's t_next; the last step, which
     ends at t = 0, stays a plain Euler step so the model is never evaluated at t = 0 (2 * steps - 1 calls)."""
     for t, t_next in zip(times[:-1], times[1:]):
@@ -75,7 +75,8 @@ def sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int, sampler: st
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    times = shift_t(torch.linspace(1.0, 0.0, steps + 1, device=noise.device), shift)
+    # Python floats: stepping never waits on the device to read a time back
+    times = shift_t(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).tolist()
     return SAMPLERS[sampler](velocity_fn, noise, times, generator, callback)
 
 

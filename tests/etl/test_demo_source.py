@@ -62,8 +62,9 @@ def test_served_files_download_with_img2dataset(tmp_path):
     (tmp_path / "demo").mkdir()
     with serve_directory(tmp_path / "demo") as base_url:
         urls = read_parquet(make_demo_source(tmp_path / "demo", 5, base_url))
-        with urllib.request.urlopen(urls["url"][0].as_py()) as response:
-            assert response.read() == (tmp_path / "demo" / "images" / urls["url"][0].as_py().rsplit("/", 1)[1]).read_bytes()
+        first_url = urls["url"][0].as_py()
+        with urllib.request.urlopen(first_url) as response:
+            assert response.read() == (tmp_path / "demo" / "images" / first_url.rsplit("/", 1)[1]).read_bytes()
         table = urls.append_column("source", [["demo"] * 5])
         [(_, shard)] = shard_url_list(table, "demo", 10)
         result = download_shard(shard, tmp_path / "work", DownloadConfig(processes=1, threads=2, timeout=5))

@@ -159,7 +159,8 @@ def test_rows_without_a_fetchable_url_never_reach_img2dataset(tmp_path):
 
 
 def test_empty_shard_and_bad_tables():
-    result = download_shard(pa.table({"key": pa.array([], pa.string()), "url": pa.array([], pa.string())}), Path("."), DownloadConfig())
+    empty = pa.table({"key": pa.array([], pa.string()), "url": pa.array([], pa.string())})
+    result = download_shard(empty, Path("."), DownloadConfig())
     assert result.counts == {"kept": 0}
     with pytest.raises(ValueError, match="unique"):
         download_shard(pa.table({"key": ["a", "a"], "url": ["http://x/1", "http://x/2"]}), Path("."), DownloadConfig())
@@ -275,7 +276,8 @@ def png_header(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", b"")
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"")
 
 
 def test_identify_image_keeps_pillows_decompression_bomb_limit():

@@ -1,13 +1,11 @@
 import io
 
-import pyarrow as pa
-import pytest
 from PIL import Image
 
 from etl.config import FilterConfig
 from etl.filter import duplicate_winners, filter_shard, hash_candidates
 from etl.schema import CANONICAL
-from tests.etl.bad_images import BAD_IMAGES, MARKER, UPRIGHT_HEIGHT, UPRIGHT_WIDTH, canonical_table, webp
+from tests.etl.bad_images import BAD_IMAGES, UPRIGHT_HEIGHT, UPRIGHT_WIDTH, canonical_table, webp
 
 
 def _photo(colour: tuple[int, int, int], size=(80, 100)) -> bytes:

@@ -66,6 +66,10 @@ def test_corrupt_or_incomplete_shard_is_named(shards, tmp_path):
     write_parquet_atomic(pa.table({"key": ["x"], "width": [16]}), no_height)
     with pytest.raises(CorruptShardError, match="f.parquet"):
         build_index(shards + [no_height])
+    text_sizes = tmp_path / "h.parquet"
+    write_parquet_atomic(pa.table({"key": ["x"], "height": ["tall"], "width": [16]}), text_sizes)
+    with pytest.raises(CorruptShardError, match="h.parquet"):
+        build_index(shards + [text_sizes])
     with pytest.raises(FileNotFoundError, match="g.parquet"):
         build_index(shards + [tmp_path / "g.parquet"])
 

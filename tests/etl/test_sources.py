@@ -89,8 +89,10 @@ def test_missing_file_and_empty_lists(tmp_path):
 
 
 def test_shards_are_numbered_stably_as_the_list_grows(tmp_path):
-    short = read_url_list(SourceConfig(name="s", path=laion_parquet(tmp_path / "a.parquet", 7), url_col="URL", caption_col="TEXT"))
-    longer = read_url_list(SourceConfig(name="s", path=laion_parquet(tmp_path / "b.parquet", 12), url_col="URL", caption_col="TEXT"))
+    def read(path, n):
+        return read_url_list(SourceConfig(name="s", path=laion_parquet(path, n), url_col="URL", caption_col="TEXT"))
+
+    short, longer = read(tmp_path / "a.parquet", 7), read(tmp_path / "b.parquet", 12)
     first = shard_url_list(short, "s", 3)
     second = shard_url_list(longer, "s", 3)
     assert [k for k, _ in first] == ["s-00000", "s-00001", "s-00002"]
@@ -116,7 +118,8 @@ def test_write_url_shards_leaves_identical_files_untouched(tmp_path):
         ],
         shard_size=2,
     )
-    assert write_url_shards(config) == ["laion-00000", "laion-00001", "laion-00002", "cc-00000"]
+    keys = ["laion-00000", "laion-00001", "laion-00002", "cc-00000"]
+    assert write_url_shards(config) == keys
     urls_dir = tmp_path / "root" / "urls"
     assert read_parquet(urls_dir / "laion-00002.parquet")["key"].to_pylist() == ["laion-000000004"]
     old = 1_000_000_000
@@ -124,10 +127,10 @@ def test_write_url_shards_leaves_identical_files_untouched(tmp_path):
         os.utime(path, (old, old))
 
     laion_parquet(list_path, 6)  # the list grows by one row: only the last shard changes
-    assert write_url_shards(config) == ["laion-00000", "laion-00001", "laion-00002", "cc-00000"]
+    assert write_url_shards(config) == keys
     mtimes = {p.name: p.stat().st_mtime for p in urls_dir.glob("*.parquet")}
     assert mtimes["laion-00000.parquet"] == old and mtimes["laion-00001.parquet"] == old
     assert mtimes["cc-00000.parquet"] == old
     assert mtimes["laion-00002.parquet"] != old
     assert read_parquet(urls_dir / "laion-00002.parquet").num_rows == 2
-    assert sorted(p.name for p in urls_dir.iterdir()) == sorted(f"{k}.parquet" for k in ["laion-00000", "laion-00001", "laion-00002", "cc-00000"])
+    assert sorted(p.name for p in urls_dir.iterdir()) == sorted(f"{k}.parquet" for k in keys)

@@ -216,3 +216,42 @@ def test_flash_attention_request_without_flash_attn_on_cuda_is_a_clear_error():
     model = small_model(attention="flash")
     with pytest.raises(RuntimeError, match="flash-attn"):
         model(*inputs(model))
+
+
+def _gpu_benchmark():
+    """benchmarks/gpu/model_step.py, a script outside any package, imported by path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "benchmark_gpu_model_step" not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "model_step.py"
+        spec = importlib.util.spec_from_file_location("benchmark_gpu_model_step", path)
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["benchmark_gpu_model_step"]
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_gpu_benchmark_flop_formula_matches_torch_flop_counter(mlp):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    forward_flops = _gpu_benchmark().forward_flops
+    model = MMDiT.from_preset("tiny", mlp=mlp)
+    cfg = model.mmdit_config
+    x = torch.randn(2, cfg.in_channels, 6, 10)  # 48 x 80 px, 3 x 5 patches
+    counter = FlopCounterMode(display=False)
+    # the math backend runs attention as matmuls the counter sees (it has no rule for the CPU flash kernel)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(x, torch.rand(2), torch.randn(2, cfg.text_len, cfg.text_dim), torch.randn(2, cfg.pooled_dim))
+    assert 2 * forward_flops(cfg, 48, 80) == counter.get_total_flops()
+
+
+def test_gpu_benchmark_smoke_run_prints_a_table_and_exits_zero(capsys):
+    assert _gpu_benchmark().main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "training step on CPU" in out and "forward FLOPs per image" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 64 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["sdpa", "sdpa + ckpt"]
+    assert not any("failed" in row for row in rows)

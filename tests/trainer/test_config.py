@@ -1,0 +1,117 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from etl.config import ConfigError
+from trainer.config import load_train_config
+from trainer.topology import Topology
+
+RECIPES = sorted((Path(__file__).parents[2] / "configs" / "train").glob("*.yaml"))
+MINIMAL = {
+    "data": {"root": "data", "resolution": 64},
+    "train": {"total_steps": 10, "batch_size": 2},
+    "checkpoint": {"dir": "runs/x", "every": 5},
+}
+
+
+def _write(tmp_path, data) -> Path:
+    path = tmp_path / "configs" / "train.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_every_recipe_loads_validates_and_maps_8_ranks():
+    names = {p.name for p in RECIPES}
+    assert {"demo.yaml", "reference-256.yaml", "reference-512.yaml", "reference-1024.yaml"} <= names
+    for path in RECIPES:
+        cfg = load_train_config(path)
+        assert cfg.data.root.is_absolute()
+        world = 4 if path.name == "demo.yaml" else 8
+        topology = Topology.from_config(cfg.topology, world)
+        assert len(topology.model_ranks) == 3 * len(topology.loader_ranks)
+
+
+def test_reference_recipes_carry_the_seed_readme_parameters():
+    r256, r512, r1024 = (load_train_config(RECIPES[0].parent / f"reference-{r}.yaml") for r in (256, 512, 1024))
+    assert (r256.train.batch_size, r512.train.batch_size, r1024.train.batch_size) == (140, 40, 15)
+    assert (r256.train.total_steps, r512.train.total_steps) == (300_000, 400_000)
+    for cfg in (r256, r512, r1024):
+        assert cfg.train.accumulation_steps == 2 and cfg.train.lr == 1e-4 and cfg.train.warmup_steps == 1000
+        assert cfg.train.lr_schedule == "constant" and cfg.train.null_prob_text == [0.316, 0.316]
+        assert (cfg.ema.every, cfg.ema.decay, cfg.checkpoint.every, cfg.log.every) == (100, 0.99, 1000, 10)
+        assert cfg.topology.loader_to_model == {0: [2, 3, 4], 1: [5, 6, 7]}
+        model = cfg.model.mmdit_config()
+        assert (model.num_blocks, model.dim, model.max_res_orig) == (19, 64 * 19, 256)
+        assert model.checkpoint_attn and model.checkpoint_mlp
+    assert r256.checkpoint.init_from is None
+    assert r512.model.mmdit_config().max_res == 512 and r512.checkpoint.init_from.name == "reference-256"
+    assert r512.checkpoint.reset_optimizer and r512.checkpoint.reset_logger
+    assert r1024.model.mmdit_config().max_res == 1024 and r1024.checkpoint.init_from.name == "reference-512"
+
+
+def test_defaults_and_paths_relative_to_the_file(tmp_path):
+    cfg = load_train_config(_write(tmp_path, MINIMAL))
+    assert cfg.data.root == tmp_path / "configs" / "data"
+    assert cfg.checkpoint.dir == tmp_path / "configs" / "runs" / "x"
+    assert (cfg.train.lr, cfg.train.warmup_steps, cfg.train.betas, cfg.train.grad_clip) == (1e-4, 1000, [0.9, 0.999], 1)
+    assert (cfg.topology.models_per_loader, cfg.topology.prefetch) == (3, 2)
+    assert (cfg.model.preset, cfg.encoders.preset, cfg.log.wandb_mode) == ("tiny", "tiny", "disabled")
+    assert (cfg.ema.every, cfg.ema.decay, cfg.data.detailed_caption_prob) == (100, 0.99, 0.5)
+
+
+def test_dotted_overrides_parse_yaml_values(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config(
+        _write(tmp_path, MINIMAL),
+        [
+            "train.total_steps=40",
+            "train.betas=[0.9, 0.95]",
+            "topology.loader_to_model={0: [1, 2, 3]}",
+            "model.overrides.max_res=512",
+            "encoders.text_len=16",
+            "model.overrides.text_len_per_encoder=16",
+            "checkpoint.dir=elsewhere",
+            "log.wandb_mode=offline",
+        ],
+    )
+    assert cfg.train.total_steps == 40 and cfg.train.betas == [0.9, 0.95]
+    assert cfg.topology.loader_to_model == {0: [1, 2, 3]}
+    assert cfg.model.mmdit_config().max_res == 512 and cfg.encoders.text_len == 16
+    assert cfg.checkpoint.dir == tmp_path / "elsewhere"  # typed on the command line: relative to the cwd
+    assert cfg.log.wandb_mode == "offline"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.totl_steps=4", "train.totl_steps"),
+        ("trian.total_steps=4", "trian"),
+        ("model.overrides.max_resolution=512", "model.overrides.max_resolution"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.batch_size=two", "train.batch_size"),
+        ("data.resolution=100", "data.resolution"),
+        ("train.lr_schedule=linear", "train.lr_schedule"),
+        ("log.wandb_mode=on", "log.wandb_mode"),
+        ("ema.decay=1.5", "ema.decay"),
+        ("train.null_prob_text=[0.3]", "train.null_prob_text"),
+        ("log.sample_every=10", "log.sample_prompts"),
+        ("encoders.text_dim=32", "encoders.text_dim"),
+        ("model.overrides.num_heads=3", "num_heads"),
+        ("topology.prefetch=0", "topology.prefetch"),
+        ("train.total_steps", "section.key=value"),
+        ("train.total_steps.x=1", "train.total_steps"),
+    ],
+)
+def test_bad_values_and_unknown_keys_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        load_train_config(_write(tmp_path, MINIMAL), [override])
+
+
+def test_missing_required_key_and_missing_file_are_named(tmp_path):
+    data = {**MINIMAL, "train": {"batch_size": 2}}
+    with pytest.raises(ConfigError, match="train.total_steps"):
+        load_train_config(_write(tmp_path, data))
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_train_config(tmp_path / "nope.yaml")

@@ -1,0 +1,192 @@
+import io
+import shutil
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from etl.index import INDEX
+from etl.layout import DataLayout
+from etl.storage import read_parquet, write_parquet_atomic
+from tests.trainer.demo_dataset import build_demo_dataset
+from trainer.data import BucketBatches, BucketSampler, DataError, EpochBatch, clean_caption, open_index, pick_caption
+
+RESOLUTION = 64
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return build_demo_dataset(tmp_path_factory.mktemp("demo"), n=48, resolution=RESOLUTION)
+
+
+@pytest.fixture(scope="module")
+def two_caption_root(demo_root, tmp_path_factory):
+    """The demo data with distinguishable captions: "detailed: ..." and "short: ..." (messy whitespace)."""
+    root = tmp_path_factory.mktemp("captions")
+    shutil.copytree(demo_root / "index", root / "index")
+    for path in (demo_root / "buckets" / str(RESOLUTION)).glob("*.parquet"):
+        table = read_parquet(path)
+        alt = table["caption"].to_pylist()
+        for name, prefix in (("recaption", "  detailed:\n "), ("recaption_short", "short:  ")):
+            values = [f"{prefix}{text} " for text in alt]
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        write_parquet_atomic(table, root / "buckets" / str(RESOLUTION) / path.name)
+    return root
+
+
+def synthetic_index(sizes: dict[tuple[int, int], int]) -> pa.Table:
+    """An index with ``sizes[(h, w)]`` rows per bucket, sorted by bucket as build_index writes it."""
+    rows = [(h, w) for (h, w), n in sorted(sizes.items()) for _ in range(n)]
+    records = [
+        {"shard": "00000.parquet", "row": i, "key": f"k{i}", "height": h, "width": w} for i, (h, w) in enumerate(rows)
+    ]
+    return pa.Table.from_pylist(records, schema=INDEX)
+
+
+def take(sampler, n):
+    iterator = iter(sampler)
+    return [next(iterator) for _ in range(n)]
+
+
+SIZES = {(64, 64): 600, (64, 32): 300, (32, 64): 100, (48, 64): 9}
+
+
+def test_each_batch_comes_from_one_bucket_drawn_in_proportion_and_small_buckets_are_dropped():
+    index = synthetic_index(SIZES)
+    sampler = BucketSampler(index, batch_size=10, seed=0)
+    assert sampler.dropped_buckets == {"48x64": 9}
+    assert sampler.batches_per_epoch == 100
+    heights, widths = index["height"].to_numpy(), index["width"].to_numpy()
+    epoch = take(sampler, 100)
+    buckets = Counter()
+    for batch in epoch:
+        assert len(batch) == 10 and batch.epoch == 0
+        assert len({(heights[r], widths[r]) for r in batch}) == 1
+        buckets[(int(heights[batch[0]]), int(widths[batch[0]]))] += 1
+    assert buckets == {(64, 64): 60, (64, 32): 30, (32, 64): 10}
+    used = [r for batch in epoch for r in batch]
+    assert len(set(used)) == len(used) == 1000  # an epoch uses every row of the kept buckets once
+
+
+def test_order_is_deterministic_from_the_seed_and_reshuffled_per_epoch():
+    index = synthetic_index(SIZES)
+    first = take(BucketSampler(index, 10, seed=3), 200)
+    assert first == take(BucketSampler(index, 10, seed=3), 200)
+    assert first != take(BucketSampler(index, 10, seed=4), 200)
+    assert first[100].epoch == 1
+    assert first[:100] != first[100:]
+    assert sorted(map(sorted, first[:100])) != sorted(map(sorted, first[100:]))  # new batches, not just a new order
+
+
+def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run():
+    index = synthetic_index(SIZES)
+    uninterrupted = take(BucketSampler(index, 10, seed=7), 250)
+    sampler = BucketSampler(index, 10, seed=7)
+    iterator = iter(sampler)
+    for _ in range(137):  # across an epoch boundary; prefetched batches beyond these are not counted
+        next(iterator)
+        sampler.advance()
+    next(iterator), next(iterator)
+    state = sampler.state_dict()
+    assert state["epoch"] == 1 and state["batches_used"] == 37
+    assert all(isinstance(v, int) for v in state.values())  # saves with torch.save, loads with weights_only
+    resumed = BucketSampler(index, 10, seed=7)
+    resumed.load_state_dict(state)
+    assert take(resumed, 113) == uninterrupted[137:]
+    with pytest.raises(DataError, match="batch size, topology or seed changed"):
+        BucketSampler(index, 20, seed=7).load_state_dict(state)
+
+
+def test_replicas_split_each_epoch():
+    index = synthetic_index(SIZES)
+    a = take(BucketSampler(index, 10, seed=1, rank_offset=0, num_replicas=2), 50)
+    b = take(BucketSampler(index, 10, seed=1, rank_offset=1, num_replicas=2), 50)
+    rows_a, rows_b = {r for x in a for r in x}, {r for x in b for r in x}
+    assert len(rows_a) == len(rows_b) == 500 and not rows_a & rows_b
+    with pytest.raises(DataError, match="rank_offset 2"):
+        BucketSampler(index, 10, seed=1, rank_offset=2, num_replicas=2)
+
+
+def test_batch_larger_than_every_bucket_is_a_clear_error():
+    with pytest.raises(DataError, match=r"batch of 601 is larger than every bucket \(largest: 64x64 with 600 rows\)"):
+        BucketSampler(synthetic_index(SIZES), batch_size=601, seed=0)
+
+
+def test_open_index_errors_say_what_is_missing(demo_root, tmp_path):
+    assert open_index(demo_root, RESOLUTION).num_rows == 48
+    with pytest.raises(DataError, match="does not exist"):
+        open_index(tmp_path / "nowhere", RESOLUTION)
+    with pytest.raises(DataError, match=r"no index for resolution 256 .*resolutions: \[64\].*buckets.resolutions"):
+        open_index(demo_root, 256)
+    root = tmp_path / "unindexed"
+    (root / "buckets" / "128").mkdir(parents=True)
+    with pytest.raises(DataError, match="indexed resolutions: none.*materialize the bucket index"):
+        open_index(root, 128)
+    write_parquet_atomic(INDEX.empty_table(), DataLayout(root).index(128))
+    with pytest.raises(DataError, match="has no rows"):
+        open_index(root, 128)
+
+
+def test_batches_decode_to_the_bucket_size_in_minus_one_to_one(demo_root):
+    index = open_index(demo_root, RESOLUTION)
+    dataset = BucketBatches(demo_root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
+    sampler = BucketSampler(index, batch_size=4, seed=0)
+    for batch in take(sampler, 8):
+        item = dataset[batch]
+        h, w = index["height"][batch[0]].as_py(), index["width"][batch[0]].as_py()
+        assert item["images"].shape == (4, 3, h, w) and item["images"].dtype == torch.float32
+        assert item["images"].min() >= -1 and item["images"].max() <= 1
+        assert item["keys"] == [index["key"][r].as_py() for r in batch]
+        assert all(c.startswith("a ") and c.endswith("background") for c in item["captions"])
+    # one image checked pixel for pixel against its stored bytes
+    row = index.slice(5, 1).to_pylist()[0]
+    stored = read_parquet(demo_root / "buckets" / str(RESOLUTION) / row["shard"]).slice(row["row"], 1).to_pylist()[0]
+    pixels = np.asarray(Image.open(io.BytesIO(stored["image"])).convert("RGB"), dtype=np.float32) / 127.5 - 1
+    assert torch.equal(dataset[[5]]["images"][0], torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_dataloader_workers_decode_the_same_batches(two_caption_root):
+    index = open_index(two_caption_root, RESOLUTION)
+    dataset = BucketBatches(two_caption_root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
+    sampler = BucketSampler(index, batch_size=4, seed=2)
+    batches = take(sampler, sampler.batches_per_epoch + 3)
+    assert batches[-1].epoch == 1  # the epoch reaches the workers with the batch: it decides the captions
+    loader = DataLoader(dataset, sampler=BucketSampler(index, batch_size=4, seed=2), batch_size=None, num_workers=2)
+    for batch, item in zip(batches, loader):
+        expected = dataset[batch]
+        assert item["keys"] == expected["keys"] and item["captions"] == expected["captions"]
+        assert torch.equal(item["images"], expected["images"])
+
+
+def test_caption_choice_is_half_and_half_deterministic_and_cleaned(two_caption_root):
+    index = open_index(two_caption_root, RESOLUTION)
+    rows = list(range(index.num_rows))
+    dataset = BucketBatches(two_caption_root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
+    choices = [dataset[EpochBatch([r], epoch)]["captions"][0] for epoch in range(20) for r in rows]
+    assert all(c.startswith(("detailed: a ", "short: a ")) and "  " not in c and c == c.strip() for c in choices)
+    detailed = sum(c.startswith("detailed") for c in choices) / len(choices)
+    assert 0.44 < detailed < 0.56
+    again = BucketBatches(two_caption_root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
+    assert [again[EpochBatch([r], 3)]["captions"][0] for r in rows] == choices[3 * len(rows) : 4 * len(rows)]
+    assert choices[: len(rows)] != choices[len(rows) : 2 * len(rows)]  # a key's choice changes across epochs
+    bucket_of = list(zip(index["height"].to_pylist(), index["width"].to_pylist()))
+    first_bucket = [r for r in rows if bucket_of[r] == bucket_of[0]]
+    for prob, prefix in ((1.0, "detailed"), (0.0, "short")):
+        always = BucketBatches(two_caption_root, RESOLUTION, index, detailed_caption_prob=prob, seed=0)
+        assert all(c.startswith(prefix) for c in always[EpochBatch(first_bucket, 0)]["captions"])
+    with pytest.raises(DataError, match="one bucket"):
+        dataset[rows[: len(first_bucket) + 1]]
+
+
+def test_clean_caption_collapses_whitespace_only():
+    assert clean_caption("  A red\tcircle,\n\n on white.  ") == "A red circle, on white."
+
+
+def test_a_missing_caption_falls_back_to_the_other_then_the_alt_text():
+    row = {"recaption": None, "recaption_short": " short one ", "caption": "alt"}
+    assert pick_caption(row, detailed=True) == "short one"
+    assert pick_caption({"recaption": "  ", "recaption_short": None, "caption": "alt  text"}, detailed=False) == "alt text"

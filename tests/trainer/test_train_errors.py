@@ -1,0 +1,114 @@
+"""Every error in issue 5's list ends every rank non-zero, within a bounded time, with a message that names
+the problem. Subprocess timeouts bound each run: a hang fails the test instead of passing slowly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.trainer.test_train_run import (
+    REPO,
+    TRAIN,
+    base_config,
+    child_env,
+    data_root,  # noqa: F401 - the module-scoped fixture
+    free_port,
+    run,
+    torchrun_command,
+    write_config,
+)
+from trainer.metrics import read_metrics
+
+SETUP_ERRORS = {
+    "world_size_mismatch": (2, {"topology": {"loader_to_model": {0: [1, 2, 3]}}},
+                            r"ranks [2, 3] in topology.loader_to_model do not exist with WORLD_SIZE 2"),
+    "rank_both_loader_and_model": (2, {"topology": {"loader_to_model": {0: [1], 1: [0]}}},
+                                   "is both a loader and a model rank"),
+    "model_rank_without_loader": (3, {"topology": {"loader_to_model": {0: [1]}}},
+                                  "ranks [2] of WORLD_SIZE 3 are neither loaders nor model ranks with a loader"),
+    "batch_larger_than_every_bucket": (2, {"train": {"batch_size": 18}}, "batch of 18 is larger than every bucket"),
+    "missing_resolution": (2, {"data": {"resolution": 128}}, "no index for resolution 128"),
+}
+
+
+def _merge(config: dict, changes: dict) -> dict:
+    for section, values in changes.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config
+
+
+def launch_ranks(world_size: int, config_path, stderr=subprocess.PIPE) -> list[subprocess.Popen]:
+    """Every rank as its own process, as torchrun would start them but without its agent, which would
+    tear the other ranks down as soon as one fails and so hide whether they end on their own."""
+    port, ranks = free_port(), []
+    for rank in range(world_size):
+        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        ranks.append(subprocess.Popen([sys.executable, TRAIN, "--config", str(config_path)], cwd=REPO, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=stderr, text=True, start_new_session=True))
+    return ranks
+
+
+def _config_with(data_root, tmp_path, changes: dict):
+    config = _merge(base_config(data_root, tmp_path / "run"), changes)
+    if "loader_to_model" in changes.get("topology", {}):
+        config["topology"].pop("models_per_loader")
+    return write_config(tmp_path / "train.yaml", config)
+
+
+@pytest.mark.parametrize("case", SETUP_ERRORS)
+def test_setup_error_ends_every_rank_with_its_reason(case, data_root, tmp_path):  # noqa: F811
+    world_size, changes, message = SETUP_ERRORS[case]
+    ranks = launch_ranks(world_size, _config_with(data_root, tmp_path, changes))
+    for rank, process in enumerate(ranks):
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode != 0
+        assert f"rank {rank} failed" in stderr and message in stderr, stderr[-3000:]
+    assert not (tmp_path / "run" / "latest").exists()
+
+
+def test_world_size_mismatch_under_torchrun(data_root, tmp_path):  # noqa: F811
+    config = _config_with(data_root, tmp_path, {"topology": {"loader_to_model": {0: [1, 2, 3], 4: [5, 6, 7]}}})
+    result = run(torchrun_command(4, config), timeout=90)
+    assert result.returncode != 0
+    assert "ranks [4, 5, 6, 7] in topology.loader_to_model do not exist with WORLD_SIZE 4" in result.stderr
+
+
+def test_unknown_override_key_is_named(data_root, tmp_path):  # noqa: F811
+    config = write_config(tmp_path / "train.yaml", base_config(data_root, tmp_path / "run"))
+    result = run([sys.executable, TRAIN, "--config", str(config), "train.learning_rate=0.1"], timeout=60)
+    assert result.returncode != 0 and "learning_rate" in result.stderr
+
+
+def test_dead_loader_ends_its_model_ranks(data_root, tmp_path):  # noqa: F811
+    """The model ranks notice on their own that their loader died (see ``launch_ranks``)."""
+    run_dir = tmp_path / "run"
+    config = base_config(data_root, run_dir)
+    config["train"]["total_steps"] = 10_000
+    config["checkpoint"]["every"] = 10_000
+    ranks = launch_ranks(4, write_config(tmp_path / "train.yaml", config))
+    try:
+        deadline = time.monotonic() + 90
+        while len(read_metrics(run_dir)) < 2:
+            assert all(p.poll() is None for p in ranks), "a rank ended before training started"
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        os.killpg(ranks[0].pid, signal.SIGKILL)  # the loader and its DataLoader workers
+        messages = []
+        for rank, process in enumerate(ranks[1:], start=1):
+            _, stderr = process.communicate(timeout=60)  # timeout_s is 20
+            assert process.returncode != 0
+            assert f"rank {rank} failed" in stderr, stderr[-3000:]
+            messages.append(stderr)
+        # The model ranks that see the loader die say so; the others then lose their DDP peers.
+        assert any("from rank 0 failed (did that rank die?)" in m or "no batch header from rank 0" in m for m in messages)
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

@@ -1,0 +1,251 @@
+"""The trainer end to end: torchrun (or plain processes) over gloo on CPU, tiny presets, the demo data at 64 px.
+
+One uninterrupted 4-process run (1 loader : 3 model ranks) is the reference: the checkpoint it writes,
+the weights its model ranks hold, its metrics, its lineage record, sampling from it, and the losses that
+runs killed with SIGKILL and resumed must reproduce bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.trainer.demo_dataset import build_demo_dataset
+from trainer.checkpoint import load_model, load_rank_state, resolve_checkpoint
+from trainer.loop import weights_sha256
+from trainer.metrics import KEYS, read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = str(REPO / "trainer" / "train.py")
+TOTAL_STEPS = 6
+
+
+def base_config(data_root: Path, run_dir: Path) -> dict:
+    """2 images per model rank, a checkpoint every 2 steps, a short timeout so faults end runs quickly."""
+    return {
+        "data": {"root": str(data_root), "resolution": 64, "num_workers": 1},
+        "train": {"total_steps": TOTAL_STEPS, "batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine",
+                  "min_lr": 1e-4, "precision": "fp32"},
+        "checkpoint": {"dir": str(run_dir), "every": 2, "keep": 2},
+        "topology": {"models_per_loader": 3, "prefetch": 2, "timeout_s": 20},
+        "model": {"preset": "tiny", "overrides": {"num_blocks": 2, "max_res": 64, "max_res_orig": 64}},
+        "encoders": {"preset": "tiny"},
+        "ema": {"every": 2, "decay": 0.9},
+        "log": {"progress": False},
+    }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """One thread per process on the shared cores; no Dagster home unless a test gives one."""
+    env = {name: value for name, value in os.environ.items() if name != "DAGSTER_HOME"}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+
+
+def torchrun_command(nproc: int, config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN,
+            "--config", str(config), *args]
+
+
+def run(command: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        found += [int(c) for c in children]
+        todo += [int(c) for c in children]
+    return found
+
+
+def kill_everything(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every process it started, all at once: a crashed node."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    return [(m["step"], m["loss"], m["lr"], m["grad_norm"]) for m in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return build_demo_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_root, tmp_path_factory):
+    """An uninterrupted 4-process run, its Dagster home recording the checkpoints."""
+    root = tmp_path_factory.mktemp("reference")
+    run_dir, dagster_home = root / "run", root / "dagster"
+    dagster_home.mkdir()
+    config = write_config(root / "train.yaml", base_config(data_root, run_dir))
+    result = run(torchrun_command(4, config), DAGSTER_HOME=str(dagster_home))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return run_dir, config, dagster_home
+
+
+def test_four_process_run_checkpoints_identical_model_ranks(reference_run):
+    run_dir, _, _ = reference_run
+    step_dir = resolve_checkpoint(run_dir)
+    assert step_dir.name == f"step_{TOTAL_STEPS:07d}"
+    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_0000004", "step_0000006"]  # keep: 2
+    saved = weights_sha256(load_model(step_dir, prefer_ema=False))
+    # Each model rank hashed the weights it held at the checkpoint.
+    assert [load_rank_state(step_dir, rank)["weights_sha256"] for rank in (1, 2, 3)] == [saved] * 3
+    loader = load_rank_state(step_dir, 0)
+    assert loader["role"] == "loader" and loader["feeder"]["batches"] == TOTAL_STEPS
+    assert loader["feeder"]["sampler"]["epoch"] * loader["feeder"]["sampler"]["batches_per_epoch"] + \
+        loader["feeder"]["sampler"]["batches_used"] == TOTAL_STEPS
+    ema = load_model(step_dir, prefer_ema=True)
+    assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), load_model(step_dir, prefer_ema=False).parameters()))
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, TOTAL_STEPS + 1))
+    assert all(set(KEYS) <= m.keys() for m in metrics)
+    assert all(0.0 <= m["data_wait_frac"] <= 1.0 and m["images_per_s"] > 0 for m in metrics)
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert meta["step"] == TOTAL_STEPS and meta["loss"] == metrics[-1]["loss"] and meta["dataset_version"]
+
+
+def test_checkpoints_recorded_in_dagster(reference_run):
+    from dagster import AssetKey, DagsterInstance
+
+    run_dir, _, dagster_home = reference_run
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    try:
+        with DagsterInstance.get() as instance:
+            event = instance.get_latest_materialization_event(AssetKey("checkpoint"))
+    finally:
+        del os.environ["DAGSTER_HOME"]
+    metadata = event.asset_materialization.metadata
+    assert metadata["step"].value == TOTAL_STEPS
+    assert metadata["dataset_version"].value == json.loads((resolve_checkpoint(run_dir) / "meta.json").read_text())["dataset_version"]
+
+
+def test_checkpoint_samples_with_the_cli(reference_run, tmp_path):
+    run_dir, _, _ = reference_run
+    out = tmp_path / "sample.png"
+    result = run([sys.executable, "-m", "orchestration.cli", "sample", "--checkpoint", str(run_dir), "--prompt",
+                  "a red circle", "--steps", "2", "--width", "64", "--height", "32", "--seed", "0", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.size == (64, 32)
+
+
+def _start(config: Path, run_dir: Path, *args: str) -> subprocess.Popen:
+    log = open(run_dir.parent / f"log-{time.monotonic_ns()}.txt", "w")
+    return subprocess.Popen(torchrun_command(4, config, *args), cwd=REPO, env=child_env(), stdout=log, stderr=log)
+
+
+def _resume_and_compare(config: Path, run_dir: Path, reference_dir: Path) -> None:
+    result = run(torchrun_command(4, config, "--resume"))
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert losses(run_dir) == losses(reference_dir)  # bitwise: floats compared exactly
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "the run never reached the point to kill it at"
+        time.sleep(0.002)
+    kill_everything(process)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_at_a_random_step_matches_an_uninterrupted_run(reference_run, data_root, tmp_path):
+    reference_dir, _, _ = reference_run
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "train.yaml", base_config(data_root, run_dir))
+    kill_after = random.Random().randint(1, TOTAL_STEPS - 1)
+    process = _start(config, run_dir)
+    _kill_when(process, lambda: len(read_metrics(run_dir)) >= kill_after)
+    assert len(read_metrics(run_dir)) < TOTAL_STEPS, "the run finished before the kill"
+    _resume_and_compare(config, run_dir, reference_dir)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_during_a_checkpoint_write(reference_run, data_root, tmp_path):
+    reference_dir, _, _ = reference_run
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "train.yaml", base_config(data_root, run_dir))
+    process = _start(config, run_dir)
+    # The model ranks stage their state for step 4 when they reach it (the loader's comes earlier, as it
+    # runs ahead); from then until its step folder is renamed into place, step 4 is being written.
+    def writing_step_4() -> bool:
+        staged = (run_dir / ".staging_0000004" / "rank_00001.pt").exists() or any(run_dir.glob(".step_0000004.*.tmp"))
+        return staged and not (run_dir / "step_0000004").exists()
+
+    _kill_when(process, writing_step_4)
+    assert resolve_checkpoint(run_dir).name == "step_0000002"
+    _resume_and_compare(config, run_dir, reference_dir)
+
+
+def test_colocated_single_process_run_without_torchrun_samples_while_training(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    config = base_config(data_root, run_dir)
+    config["topology"] = {"colocated": True, "prefetch": 1, "timeout_s": 20}
+    config["train"].update(total_steps=3, accumulation_steps=2)
+    config["log"].update(sample_every=2, sample_prompts=["a red circle", "a blue square"], sample_steps=2)
+    result = run([sys.executable, TRAIN, "--config", str(write_config(tmp_path / "train.yaml", config)),
+                  "checkpoint.every=3"])
+    assert result.returncode == 0, result.stderr[-5000:]
+    step_dir = resolve_checkpoint(run_dir)
+    assert step_dir.name == "step_0000003"
+    state = load_rank_state(step_dir, 0)
+    assert state["role"] == "model" and state["feeder"]["batches"] == 3 * 2  # 2 micro-batches a step
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002_0.png", "step_0000002_1.png"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_finetune_from_a_checkpoint_at_a_higher_max_res(reference_run, data_root, tmp_path):
+    reference_dir, _, _ = reference_run
+    source = load_model(reference_dir, prefer_ema=False)
+    run_dir = tmp_path / "run"
+    config = base_config(data_root, run_dir)
+    config["topology"] = {"colocated": True, "prefetch": 1, "timeout_s": 20}
+    config["train"].update(total_steps=1, lr=1e-12, warmup_steps=0, lr_schedule="constant", min_lr=0.0)
+    config["model"]["overrides"]["max_res"] = 128
+    config["checkpoint"].update(init_from=str(reference_dir), reset_optimizer=True, reset_logger=True)
+    result = run([sys.executable, TRAIN, "--config", str(write_config(tmp_path / "train.yaml", config))])
+    assert result.returncode == 0, result.stderr[-5000:]
+    tuned = load_model(run_dir, prefer_ema=False)
+    assert tuned.mmdit_config.max_res == 128 and tuned.mmdit_config.max_res_orig == 64
+    # One step at lr 1e-12 leaves the source weights (a fresh initialisation would zero the output layer).
+    for a, b in zip(tuned.parameters(), source.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert source.final.linear.weight.abs().sum() > 0

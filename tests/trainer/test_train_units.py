@@ -1,0 +1,156 @@
+"""The trainer loop's building blocks on their own: lr schedule, EMA, metrics file, resumable checkpoint state."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from trainer.checkpoint import (
+    CheckpointWriteError,
+    checkpoint_metadata,
+    clean_stale_writes,
+    load_model,
+    load_rank_state,
+    load_trainer_state,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_rank_state,
+    staging_folder,
+    step_folder,
+    wait_for_rank_states,
+)
+from trainer.ema import EMA
+from trainer.encoders import EncodersConfig
+from trainer.feeder import is_checkpoint_step
+from trainer.lr_schedule import WarmupSchedule, build_scheduler
+from trainer.metrics import KEYS, MetricsLogger, read_metrics
+from trainer.model import MMDiT
+
+
+def tiny_model(seed: int = 0) -> MMDiT:
+    torch.manual_seed(seed)
+    return MMDiT.from_preset("tiny", num_blocks=1)
+
+
+def test_warmup_then_cosine_reaches_min_lr():
+    schedule = WarmupSchedule(warmup_steps=4, total_steps=14, kind="cosine", min_factor=0.1)
+    assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert schedule(4) == 1.0
+    assert schedule(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert schedule(14) == pytest.approx(0.1) and schedule(100) == pytest.approx(0.1)
+    constant = WarmupSchedule(warmup_steps=2, total_steps=10, kind="constant")
+    assert [constant(s) for s in (0, 1, 2, 9, 50)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        WarmupSchedule(1, 10, kind="linear")
+
+
+def test_scheduler_state_round_trips_with_weights_only(tmp_path):
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    scheduler = build_scheduler(optimizer, 1e-3, 1e-4, warmup_steps=3, total_steps=10, kind="cosine")
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    torch.save(scheduler.state_dict(), tmp_path / "s.pt")
+    fresh_optimizer = torch.optim.AdamW([param], lr=1e-3)
+    fresh = build_scheduler(fresh_optimizer, 1e-3, 1e-4, warmup_steps=3, total_steps=10, kind="cosine")
+    fresh.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    for _ in range(3):
+        optimizer.step(), scheduler.step(), fresh_optimizer.step(), fresh.step()
+        assert fresh.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_ema_moves_only_every_n_steps():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5, every=2, device="cpu")
+    start = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not ema.maybe_update(model, step=1)
+    assert torch.equal(ema.model.weight, start)
+    assert ema.maybe_update(model, step=2)
+    assert torch.allclose(ema.model.weight, start + 0.5)
+    assert not ema.model.weight.requires_grad
+
+
+def test_checkpoint_steps_include_the_last():
+    assert [s for s in range(1, 8) if is_checkpoint_step(s, every=3, total_steps=7)] == [3, 6, 7]
+
+
+def test_metrics_truncated_to_the_resumed_step(tmp_path):
+    logger = MetricsLogger(tmp_path, total_steps=4, start_step=0, wandb_mode="disabled", wandb_project="p",
+                           wandb_run_id=None, run_config={}, progress=False, every=1)
+    for step in range(1, 5):
+        logger.log_step({key: float(step) for key in KEYS} | {"step": step})
+    logger.close()
+    with pytest.raises(KeyError, match="grad_norm"):
+        MetricsLogger(tmp_path, 4, 4, "disabled", "p", None, {}, False, 1).log_step({"step": 5, "loss": 1.0})
+    resumed = MetricsLogger(tmp_path, 4, start_step=2, wandb_mode="disabled", wandb_project="p", wandb_run_id=None,
+                            run_config={}, progress=False, every=1)
+    resumed.close()
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_wandb_offline_run_gets_an_id(tmp_path):
+    logger = MetricsLogger(tmp_path, 1, 0, "offline", "test", None, {"a": 1}, False, 1)
+    logger.log_step({key: 1.0 for key in KEYS} | {"step": 1})
+    logger.close()
+    assert logger.run_id and list((tmp_path / "wandb").glob(f"offline-run-*-{logger.run_id}"))
+
+
+def _save(tmp_path, step, model, world_size=2):
+    for rank in range(world_size):
+        save_rank_state(tmp_path, step, rank, {"generator": torch.Generator().manual_seed(rank).get_state(),
+                                               "sampler": {"epoch": rank, "batches_used": step}})
+    files = wait_for_rank_states(tmp_path, step, world_size, timeout_s=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, 16, 4, 4), torch.rand(1), torch.zeros(1, 154, 64), torch.zeros(1, 64)).sum().backward()
+    optimizer.step()
+    return save_checkpoint(tmp_path, step, model, model, EncodersConfig(preset="tiny"),
+                           {"loss": 0.5 / step, "dataset_version": "v1"},
+                           {"optimizer": optimizer.state_dict(), "wandb_run_id": "abc"}, files, keep=2)
+
+
+def test_resumable_state_round_trips_and_old_steps_are_pruned(tmp_path):
+    model = tiny_model()
+    for step in (2, 4, 6):
+        _save(tmp_path, step, model)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000004", "step_0000006"]
+    assert resolve_checkpoint(tmp_path) == step_folder(tmp_path, 6)
+    assert not staging_folder(tmp_path, 6).exists()
+    state = load_trainer_state(tmp_path)
+    assert state["step"] == 6 and state["wandb_run_id"] == "abc"
+    assert state["optimizer"]["state"][0]["exp_avg"].shape == next(model.parameters()).shape
+    rank1 = load_rank_state(tmp_path, 1)
+    assert rank1["sampler"] == {"epoch": 1, "batches_used": 6}
+    assert torch.equal(rank1["generator"], torch.Generator().manual_seed(1).get_state())
+    assert checkpoint_metadata(tmp_path) == {"step": 6, "loss": 0.5 / 6, "dataset_version": "v1"}
+    loaded = load_model(tmp_path, prefer_ema=False)
+    for a, b in zip(loaded.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_missing_rank_state_names_the_rank(tmp_path):
+    save_rank_state(tmp_path, 3, 0, {})
+    with pytest.raises(CheckpointWriteError, match=r"ranks \[1, 2\] did not write"):
+        wait_for_rank_states(tmp_path, 3, world_size=3, timeout_s=0.2)
+
+
+def test_clean_stale_writes_keeps_complete_checkpoints(tmp_path):
+    model = tiny_model()
+    _save(tmp_path, 2, model)
+    save_rank_state(tmp_path, 4, 0, {})  # a run killed while staging step 4
+    (tmp_path / ".step_0000004.x1y2.tmp").mkdir()  # ... or while writing its folder
+    clean_stale_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000002"]
+    assert json.loads((tmp_path / "step_0000002" / "meta.json").read_text())["step"] == 2
+
+
+def test_prune_never_deletes_latest(tmp_path):
+    for name in ("step_0000001", "step_0000002", "step_0000003"):
+        (tmp_path / name / "model").mkdir(parents=True)
+    (tmp_path / "latest").write_text("step_0000001\n")
+    deleted = prune_checkpoints(tmp_path, keep=1)
+    assert [p.name for p in deleted] == ["step_0000002"]

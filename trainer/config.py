@@ -1,0 +1,261 @@
+"""The trainer's one typed config: YAML sections -> dataclasses, validated before any rank starts work.
+
+Loaded with ``etl.config.from_mapping`` (unknown keys, wrong types and bad values are errors naming the
+key). Command-line overrides are dotted ``section.key=value`` pairs whose value is parsed as YAML, so
+``topology.loader_to_model={0: [1, 2, 3]}`` and ``train.betas=[0.9, 0.95]`` work as written.
+Relative paths in the file are relative to the file; relative paths in overrides are relative to the
+current directory (where the command was typed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from etl.config import ConfigError, from_mapping, load_yaml
+from trainer.encoders import EncodersConfig
+from trainer.model import PRESETS as MODEL_PRESETS
+from trainer.model import MMDiTConfig
+
+PATCH_MULTIPLE = 16  # bucket sides are multiples of this (etl BucketConfig.multiple)
+VAE_DOWNSAMPLING = 8
+# EncodersConfig alone defaults to the reference encoders; a trainer config defaults to the tiny ones,
+# matching the tiny default MMDiT, also when its encoders section sets other keys but no preset.
+DEFAULT_ENCODERS_PRESET = "tiny"
+# (section, key) pairs holding paths, resolved against the config file or the working directory.
+PATH_KEYS = (("data", "root"), ("checkpoint", "dir"), ("checkpoint", "init_from"))
+
+
+def _at_least(section: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < minimum:
+            raise ConfigError(f"{name}: must be at least {minimum}, got {getattr(section, name)}")
+
+
+def _probability(value: float, name: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}: must be in [0, 1], got {value}")
+
+
+@dataclass
+class DataSection:
+    root: Path  # the pipeline root: buckets/<R>/*.parquet and index/<R>.parquet
+    resolution: int
+    detailed_caption_prob: float = 0.5  # recaption vs recaption_short
+    num_workers: int = 2  # DataLoader decode workers per loader rank
+
+    def __post_init__(self):
+        if self.resolution < PATCH_MULTIPLE or self.resolution % PATCH_MULTIPLE:
+            raise ConfigError(f"resolution: must be a positive multiple of {PATCH_MULTIPLE}, got {self.resolution}")
+        _probability(self.detailed_caption_prob, "detailed_caption_prob")
+        _at_least(self, 0, "num_workers")
+
+
+@dataclass
+class TrainSection:
+    total_steps: int
+    batch_size: int  # per model rank
+    accumulation_steps: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 1000
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0  # the cosine schedule's floor
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    null_prob_pooled: float = 0.1
+    null_prob_text: list[float] = field(default_factory=lambda: [0.316, 0.316])  # per sequence encoder
+
+    def __post_init__(self):
+        _at_least(self, 1, "total_steps", "batch_size", "accumulation_steps")
+        _at_least(self, 0, "warmup_steps", "weight_decay", "min_lr", "seed")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be positive, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr: {self.min_lr} is above lr {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas: expected two numbers in [0, 1), got {self.betas}")
+        if self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip: must be positive, got {self.grad_clip}")
+        if self.t_std <= 0:
+            raise ConfigError(f"t_std: must be positive, got {self.t_std}")
+        _probability(self.null_prob_pooled, "null_prob_pooled")
+        for i, p in enumerate(self.null_prob_text):
+            _probability(p, f"null_prob_text[{i}]")
+
+
+@dataclass
+class CheckpointSection:
+    dir: Path
+    every: int
+    keep: int = 3
+    init_from: Path | None = None  # finetune: start from this checkpoint's weights
+    reset_optimizer: bool = False  # with init_from: fresh optimizer state (the reference's reset_optim)
+    reset_logger: bool = False  # with init_from: a new wandb run (the reference's reset_wandb)
+
+    def __post_init__(self):
+        _at_least(self, 1, "every", "keep")
+
+
+@dataclass
+class TopologySection:
+    # {loader rank: [model ranks]}; when unset, derived from WORLD_SIZE and models_per_loader.
+    loader_to_model: dict[int, list[int]] | None = None
+    models_per_loader: int | None = 3
+    colocated: bool = False  # every rank encodes its own data (one GPU, a laptop)
+    prefetch: int = 2  # batches in flight per model rank
+    timeout_s: float = 300.0  # collectives and point-to-point
+
+    def __post_init__(self):
+        if self.loader_to_model is None and not self.colocated:
+            if self.models_per_loader is None:
+                raise ConfigError("models_per_loader: set it or loader_to_model")
+            _at_least(self, 1, "models_per_loader")
+        _at_least(self, 1, "prefetch")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"timeout_s: must be positive, got {self.timeout_s}")
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # any MMDiTConfig field, e.g. max_res
+
+    def __post_init__(self):
+        if self.preset not in MODEL_PRESETS:
+            raise ConfigError(f"preset: unknown MMDiT preset {self.preset!r} (known: {', '.join(MODEL_PRESETS)})")
+        self.mmdit_config()
+
+    def mmdit_config(self) -> MMDiTConfig:
+        """The preset with the overrides applied, type-checked field by field."""
+        base = dataclasses.asdict(MODEL_PRESETS[self.preset])
+        unknown = [name for name in self.overrides if name not in base]
+        if unknown:
+            raise ConfigError(f"overrides.{unknown[0]}: not an MMDiT setting (known: {', '.join(base)})")
+        try:
+            return from_mapping(MMDiTConfig, {**base, **self.overrides}, "overrides")
+        except ConfigError:
+            raise
+        except ValueError as err:  # MMDiTConfig's own checks raise plain ValueError
+            raise ConfigError(f"overrides: {err}") from err
+
+
+@dataclass
+class EmaSection:
+    every: int = 100
+    decay: float = 0.99
+    device: Literal["same", "cpu"] = "same"  # "cpu" keeps the EMA weights off the GPU
+
+    def __post_init__(self):
+        _at_least(self, 1, "every")
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"decay: must be in [0, 1), got {self.decay}")
+
+
+@dataclass
+class LogSection:
+    wandb_mode: Literal["disabled", "offline", "online"] = "disabled"
+    wandb_project: str = "sd3-from-scratch"
+    every: int = 10
+    sample_every: int = 0  # 0 = never
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 20
+    sample_cfg: float = 5.0
+    progress: bool = True
+
+    def __post_init__(self):
+        _at_least(self, 1, "every", "sample_steps")
+        _at_least(self, 0, "sample_every")
+        if self.sample_every and not self.sample_prompts:
+            raise ConfigError("sample_prompts: give at least one prompt when sample_every > 0")
+
+
+@dataclass
+class TrainConfig:
+    data: DataSection
+    train: TrainSection
+    checkpoint: CheckpointSection
+    topology: TopologySection = field(default_factory=TopologySection)
+    model: ModelSection = field(default_factory=ModelSection)
+    encoders: EncodersConfig = field(default_factory=lambda: EncodersConfig(preset=DEFAULT_ENCODERS_PRESET))
+    ema: EmaSection = field(default_factory=EmaSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def __post_init__(self):
+        model = self.model.mmdit_config()
+        if len(self.train.null_prob_text) != model.num_text_encoders:
+            raise ConfigError(
+                f"train.null_prob_text: {len(self.train.null_prob_text)} probabilities for "
+                f"{model.num_text_encoders} text encoders"
+            )
+        # The MMDiT reads what the encoders write: a mismatch would only surface as a shape error mid-run.
+        if (model.text_dim, model.text_len_per_encoder) != (self.encoders.text_dim, self.encoders.text_len):
+            raise ConfigError(
+                f"model: text_dim {model.text_dim} / text_len_per_encoder {model.text_len_per_encoder} do not match "
+                f"encoders.text_dim {self.encoders.text_dim} / encoders.text_len {self.encoders.text_len}"
+            )
+        if PATCH_MULTIPLE % (model.patch_size * VAE_DOWNSAMPLING):
+            raise ConfigError(
+                f"model.overrides.patch_size: {model.patch_size} x VAE {VAE_DOWNSAMPLING} does not divide the bucket "
+                f"multiple {PATCH_MULTIPLE}"
+            )
+
+
+def _split_override(override: str) -> tuple[list[str], Any]:
+    key, sep, raw = override.partition("=")
+    path = key.strip().split(".")
+    if not sep or len(path) < 2 or not all(path):
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from err
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str], cwd: Path) -> dict:
+    """``data`` with each dotted ``section.key=value`` set; path values made absolute against ``cwd``."""
+    for override in overrides:
+        path, value = _split_override(override)
+        if tuple(path) in PATH_KEYS and isinstance(value, str):
+            value = str((cwd / value).resolve())
+        node = data
+        for depth, name in enumerate(path[:-1]):
+            child = node.setdefault(name, {})
+            if child is None:
+                child = node[name] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)}: '{'.'.join(path[: depth + 1])}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _resolve_file_paths(data: dict, base: Path) -> None:
+    for section, key in PATH_KEYS:
+        values = data.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            values[key] = str((base / values[key]).resolve())
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read the YAML at ``path``, apply ``overrides``, and validate everything; raises ``ConfigError``."""
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    _resolve_file_paths(data, Path(path).resolve().parent)
+    apply_overrides(data, list(overrides), Path.cwd())
+    encoders = data.get("encoders")
+    if encoders is None or (isinstance(encoders, dict) and "preset" not in encoders):
+        data["encoders"] = {**(encoders or {}), "preset": DEFAULT_ENCODERS_PRESET}
+    return from_mapping(TrainConfig, data)

@@ -1,0 +1,243 @@
+"""The loader rank's data: the bucket index, a bucket sampler, and a Dataset that decodes whole batches.
+
+Every batch comes from one (height, width) bucket, so images stack without padding or cropping. Each
+epoch shuffles every bucket's rows, cuts them into full batches (the remainder of a bucket waits for the
+next epoch's shuffle) and shuffles the batches of all buckets together: a bucket is drawn in proportion
+to its size. Everything derives from (seed, epoch), so the position (epoch, batches used) is the state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from etl.layout import DataLayout
+from etl.storage import read_parquet
+
+INDEX_COLUMNS = ("shard", "row", "key", "height", "width")
+SHARD_COLUMNS = ["key", "image", "caption", "recaption", "recaption_short"]
+_WHITESPACE = re.compile(r"\s+")
+
+
+class DataError(ValueError):
+    pass
+
+
+def open_index(root: str | Path, resolution: int) -> pa.Table:
+    """``<root>/index/<resolution>.parquet``, with errors that say what is missing and what exists."""
+    layout = DataLayout(Path(root))
+    if not layout.root.is_dir():
+        raise DataError(f"data.root {layout.root} does not exist: run the data pipeline first (sd3 data ...)")
+    path = layout.index(resolution)
+    if not path.exists():
+        built = sorted(int(p.stem) for p in (layout.root / "index").glob("*.parquet") if p.stem.isdigit())
+        bucketed = (layout.root / "buckets" / str(resolution)).is_dir()
+        hint = "its buckets exist, so materialize the bucket index" if bucketed else "add it to buckets.resolutions"
+        raise DataError(
+            f"no index for resolution {resolution} at {path} (indexed resolutions: {built or 'none'}); {hint}"
+        )
+    index = read_parquet(path)
+    missing = [c for c in INDEX_COLUMNS if c not in index.column_names]
+    if missing:
+        raise DataError(f"index {path} lacks columns {missing}: rebuild it")
+    if index.num_rows == 0:
+        raise DataError(
+            f"index {path} has no rows: every image of resolution {resolution} was rejected or none was downloaded"
+        )
+    return index
+
+
+class EpochBatch(list):
+    """A batch of index row numbers that knows its epoch (the caption choice depends on it)."""
+
+    def __init__(self, rows, epoch: int):
+        super().__init__(rows)
+        self.epoch = epoch
+
+
+class BucketSampler:
+    """Infinite batches of index rows, one bucket per batch; ``num_replicas`` loaders split each epoch.
+
+    Iterating does not move the state: the caller calls ``advance()`` for each batch it actually used,
+    so ``state_dict()`` never counts batches that were prefetched but not trained on.
+    """
+
+    def __init__(self, index: pa.Table, batch_size: int, seed: int, rank_offset: int = 0, num_replicas: int = 1):
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        if not 0 <= rank_offset < num_replicas:
+            raise DataError(f"rank_offset {rank_offset} must be in [0, num_replicas={num_replicas})")
+        self.batch_size, self.seed = batch_size, seed
+        self.rank_offset, self.num_replicas = rank_offset, num_replicas
+        heights = index["height"].to_numpy().astype(np.int64)
+        widths = index["width"].to_numpy().astype(np.int64)
+        buckets, inverse, counts = np.unique(heights << 32 | widths, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable")
+        rows_of = np.split(order, np.cumsum(counts)[:-1])
+        names = [f"{b >> 32}x{b & 0xFFFFFFFF}" for b in buckets.tolist()]
+        self.dropped_buckets = {name: int(n) for name, n in zip(names, counts) if n < batch_size}
+        self._buckets = [rows for rows, n in zip(rows_of, counts) if n >= batch_size]
+        if not self._buckets:
+            largest = max(zip(counts, names))
+            raise DataError(
+                f"batch of {batch_size} is larger than every bucket (largest: {largest[1]} with {largest[0]} rows): "
+                f"lower train.batch_size or use more data"
+            )
+        self.batches_per_epoch = sum(len(r) // batch_size for r in self._buckets) // num_replicas
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{num_replicas} loaders cannot each get a batch of {batch_size} per epoch: too little data"
+            )
+        self.epoch, self.batches_used = 0, 0
+        self._cached_epoch: tuple[int, np.ndarray] | None = None
+
+    def _epoch_batches(self, epoch: int) -> np.ndarray:
+        """(batches_per_epoch, batch_size) index rows of this replica for ``epoch``."""
+        if self._cached_epoch is not None and self._cached_epoch[0] == epoch:
+            return self._cached_epoch[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        chunks = []
+        for rows in self._buckets:
+            full = len(rows) // self.batch_size * self.batch_size
+            chunks.append(rng.permutation(rows)[:full].reshape(-1, self.batch_size))
+        batches = np.concatenate(chunks)[rng.permutation(sum(len(c) for c in chunks))]
+        mine = batches[self.rank_offset :: self.num_replicas][: self.batches_per_epoch]
+        self._cached_epoch = (epoch, mine)
+        return mine
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.batches_used
+        while True:
+            for rows in self._epoch_batches(epoch)[start:]:
+                yield EpochBatch(rows.tolist(), epoch)
+            epoch, start = epoch + 1, 0
+
+    def advance(self, batches: int = 1) -> None:
+        """Count ``batches`` more as used (in iteration order)."""
+        position = self.epoch * self.batches_per_epoch + self.batches_used + batches
+        self.epoch, self.batches_used = divmod(position, self.batches_per_epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_used": self.batches_used, "seed": self.seed,
+                "batches_per_epoch": self.batches_per_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["seed"], state["batches_per_epoch"]) != (self.seed, self.batches_per_epoch):
+            raise DataError(
+                f"sampler state was saved with seed {state['seed']} and {state['batches_per_epoch']} batches per "
+                f"epoch, this sampler has seed {self.seed} and {self.batches_per_epoch}: the data, batch size, "
+                f"topology or seed changed, so resuming mid-epoch is impossible"
+            )
+        self.epoch, self.batches_used = int(state["epoch"]), int(state["batches_used"])
+
+
+def clean_caption(text: str) -> str:
+    """Outer whitespace stripped and inner runs collapsed to one space; the text is otherwise kept as written."""
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def choose_detailed(seed: int, key: str, epoch: int, detailed_prob: float) -> bool:
+    """Whether ``key`` trains on its detailed caption in ``epoch``: a hash, so any worker decides the same."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < detailed_prob
+
+
+def pick_caption(row: dict, detailed: bool) -> str:
+    """The chosen caption, else the other one, else the alt text: a row never trains on an empty caption
+    when any of its texts is non-empty."""
+    first, second = ("recaption", "recaption_short") if detailed else ("recaption_short", "recaption")
+    for name in (first, second, "caption"):
+        text = clean_caption(row.get(name) or "")
+        if text:
+            return text
+    return ""
+
+
+def decode_image(data: bytes, height: int, width: int, key: str) -> torch.Tensor:
+    """(3, height, width) float32 in [-1, 1]; a wrong size means the index and the shards disagree."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB")
+    if rgb.size != (width, height):
+        raise DataError(
+            f"image {key} is {rgb.width}x{rgb.height} (w x h) but the index says {width}x{height}: rebuild the index"
+        )
+    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
+    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class BucketBatches(Dataset):
+    """item: a list of index rows (one bucket) -> {"images": (B, 3, H, W) in [-1, 1], "captions", "keys"}.
+
+    Shard files open lazily in each DataLoader worker and stay open. A shard is read one row group at a
+    time, so shards written with small row groups make these random reads cheap.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, index: pa.Table, detailed_caption_prob: float, seed: int):
+        self.layout = DataLayout(Path(root))
+        self.resolution = resolution
+        self.detailed_caption_prob, self.seed = detailed_caption_prob, seed
+        self._shard = index["shard"].to_pylist()
+        self._row = index["row"].to_numpy()
+        self._key = index["key"].to_pylist()
+        self._height = index["height"].to_numpy()
+        self._width = index["width"].to_numpy()
+        self._files: dict[str, tuple[pq.ParquetFile, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self._key)
+
+    def _open(self, shard: str) -> tuple[pq.ParquetFile, np.ndarray]:
+        if shard not in self._files:
+            path = self.layout.root / "buckets" / str(self.resolution) / shard
+            if not path.exists():
+                raise DataError(f"shard {path} named by the index is missing: rebuild the index")
+            file = pq.ParquetFile(path)
+            starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)])
+            self._files[shard] = (file, starts)
+        return self._files[shard]
+
+    def _read_rows(self, shard: str, rows: list[int]) -> list[dict]:
+        file, starts = self._open(shard)
+        groups = np.searchsorted(starts, rows, side="right") - 1
+        found = {}
+        for group in np.unique(groups):
+            wanted = [r for r, g in zip(rows, groups) if g == group]
+            table = file.read_row_group(int(group), columns=SHARD_COLUMNS)
+            taken = table.take(pa.array([r - starts[group] for r in wanted], pa.int64())).to_pylist()
+            found.update(zip(wanted, taken))
+        return [found[r] for r in rows]
+
+    def __getitem__(self, rows) -> dict:
+        epoch = getattr(rows, "epoch", 0)  # a plain list of rows counts as epoch 0
+        rows = [int(r) for r in rows]
+        buckets = {(int(self._height[r]), int(self._width[r])) for r in rows}
+        if len(buckets) != 1:
+            raise DataError(f"a batch must come from one bucket, these rows span {sorted(buckets)}")
+        by_shard: dict[str, list[int]] = {}
+        for r in rows:
+            by_shard.setdefault(self._shard[r], []).append(r)
+        records = {}
+        for shard, index_rows in by_shard.items():
+            read = self._read_rows(shard, [int(self._row[r]) for r in index_rows])
+            records.update(zip(index_rows, read))
+        images, captions, keys = [], [], []
+        for r in rows:
+            record, key = records[r], self._key[r]
+            if record["key"] != key:
+                raise DataError(
+                    f"index row {r} names key {key} but its shard row holds {record['key']}: rebuild the index"
+                )
+            images.append(decode_image(record["image"], int(self._height[r]), int(self._width[r]), key))
+            detailed = choose_detailed(self.seed, key, epoch, self.detailed_caption_prob)
+            captions.append(pick_caption(record, detailed))
+            keys.append(key)
+        return {"images": torch.stack(images), "captions": captions, "keys": keys}

@@ -1,0 +1,195 @@
+"""What loader ranks run: draw a batch from one bucket, decode it in DataLoader workers, encode it with the
+VAE and the text encoders, split it across the model ranks this loader feeds, and send each its part.
+
+``Feeder`` is that pipeline as an iterator of per-model-rank chunks; ``run_loader`` drives it on a loader
+rank (point-to-point sends, up to ``topology.prefetch`` batches in flight per model rank);
+``LocalFeeder`` runs it in a background thread of a colocated rank, with the same ``get()`` as the
+model rank's ``BatchReceiver``, so the training loop does not know which one feeds it.
+
+The loader's part of a checkpoint (sampler position, VAE sampling generator) is taken when it produces
+the last batch of a checkpoint step, not when the model ranks reach that step: the feeder runs ahead by
+the prefetch depth, and its state must describe the batches the model ranks actually used.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader
+
+from trainer.config import TrainConfig
+from trainer.data import BucketBatches, BucketSampler
+from trainer.encoders import Encoders
+from trainer.transport import send_batch, send_end, send_error
+
+log = logging.getLogger(__name__)
+
+# Benchmark knob: seconds every batch sleeps in the feeder, to emulate a loader slower than the model
+# ranks (benchmarks/data_wait.py uses it to show that data_wait_frac reports real waiting).
+SLOW_LOADER_ENV = "SD3_BENCH_LOADER_SLEEP_S"
+
+
+def is_checkpoint_step(step: int, every: int, total_steps: int) -> bool:
+    """Optimizer steps (1-based) after which a checkpoint is written: every ``every`` and the last one."""
+    return step % every == 0 or step == total_steps
+
+
+class Feeder:
+    def __init__(self, cfg: TrainConfig, index: pa.Table, num_chunks: int, replica: int, num_replicas: int,
+                 device: torch.device, state: dict | None = None):
+        """``num_chunks`` model ranks share each batch; feeder ``replica`` of ``num_replicas`` (loaders, or
+        colocated ranks) draws its own share of each epoch; ``state`` is this feeder's part of a
+        checkpoint (``snapshot``) to continue from."""
+        self.cfg, self.num_chunks = cfg, num_chunks
+        self.chunk_size = cfg.train.batch_size
+        self.sampler = BucketSampler(index, self.chunk_size * num_chunks, cfg.train.seed, rank_offset=replica,
+                                     num_replicas=num_replicas)
+        for size, count in self.sampler.dropped_buckets.items():
+            log.warning("bucket %s has %d images, fewer than a batch of %d: dropped", size, count, self.chunk_size * num_chunks)
+        self.encoders = Encoders(cfg.encoders, device=device)
+        self.generator = torch.Generator(device).manual_seed(cfg.train.seed * 7919 + replica)
+        self.batches_done = 0
+        if state is not None:
+            self.sampler.load_state_dict(state["sampler"])
+            self.generator.set_state(state["generator"])
+            self.batches_done = state["batches"]
+        self.dataset = BucketBatches(cfg.data.root, cfg.data.resolution, index, cfg.data.detailed_caption_prob, cfg.train.seed)
+        self.sleep_s = float(os.environ.get(SLOW_LOADER_ENV, "0"))
+
+    def snapshot(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "generator": self.generator.get_state(), "batches": self.batches_done}
+
+    def _loader(self) -> DataLoader:
+        # batch_size=None: the sampler yields whole batches of index rows and the dataset decodes one
+        # batch per item, so a batch never mixes buckets.
+        return DataLoader(self.dataset, sampler=self.sampler, batch_size=None, num_workers=self.cfg.data.num_workers,
+                          persistent_workers=False, prefetch_factor=2 if self.cfg.data.num_workers else None)
+
+    @torch.no_grad()
+    def encode(self, item: dict) -> dict[str, torch.Tensor]:
+        latents = self.encoders.encode_images(item["images"], generator=self.generator)
+        text, pooled = self.encoders.encode_text(item["captions"])
+        # Sent in the encoders' dtype (bf16 halves the bytes on GPU); model ranks compute the loss in fp32.
+        return {"latents": latents, "text": text, "pooled": pooled}
+
+    def chunks(self, total_batches: int, on_checkpoint: Callable[[int, dict], None]) -> Iterator[list[dict]]:
+        """Per batch, its ``num_chunks`` parts until ``total_batches`` batches were made in all (counting
+        those before a resume). After each batch that ends a checkpoint step, ``on_checkpoint(step,
+        snapshot)`` (steps counted in optimizer steps)."""
+        accumulation = self.cfg.train.accumulation_steps
+        items = iter(self._loader())
+        while self.batches_done < total_batches:
+            item = next(items)
+            if self.sleep_s:
+                time.sleep(self.sleep_s)
+            batch = self.encode(item)
+            self.batches_done += 1
+            # The DataLoader reads the sampler ahead; only a batch actually made moves its saved position.
+            self.sampler.advance()
+            parts = [{name: t[i * self.chunk_size:(i + 1) * self.chunk_size].contiguous() for name, t in batch.items()}
+                     for i in range(self.num_chunks)]
+            step, rest = divmod(self.batches_done, accumulation)
+            if not rest and is_checkpoint_step(step, self.cfg.checkpoint.every, self.cfg.train.total_steps):
+                on_checkpoint(step, self.snapshot())
+            yield parts
+
+
+def run_loader(cfg: TrainConfig, models: list[int], replica: int, num_replicas: int, index: pa.Table,
+               device: torch.device, state: dict | None, save_state: Callable[[int, dict], None]) -> None:
+    """A loader rank's whole job: feed ``models`` until every optimizer step has its batches, then send
+    them the end sentinel. On any error, tell them why (they exit non-zero) and re-raise."""
+    total_batches = cfg.train.total_steps * cfg.train.accumulation_steps
+    timeout = timedelta(seconds=cfg.topology.timeout_s)
+    in_flight: dict[int, collections.deque] = {rank: collections.deque() for rank in models}
+    try:
+        feeder = Feeder(cfg, index, len(models), replica, num_replicas, device, state)
+        for parts in feeder.chunks(total_batches, save_state):
+            for rank, part in zip(models, parts):
+                pending = in_flight[rank]
+                # A bounded number of sends per model rank: beyond its prefetch depth the loader waits.
+                while len(pending) >= cfg.topology.prefetch:
+                    _wait_sent(pending.popleft(), rank, timeout)
+                pending.append((send_batch(part, rank), part))
+        for rank, pending in in_flight.items():
+            while pending:
+                _wait_sent(pending.popleft(), rank, timeout)
+            send_end(rank, device=device)
+    except BaseException as err:
+        message = f"rank {_rank()}: {type(err).__name__}: {err}"
+        for rank in models:
+            try:
+                send_error(rank, message, device=device)
+            except Exception:  # that model rank may be the one that died; the others still hear why
+                log.debug("could not tell rank %d that its loader failed", rank)
+        raise
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _wait_sent(entry: tuple[list, dict], dst: int, timeout: timedelta) -> None:
+    works, _tensors_kept_alive_until_sent = entry
+    try:
+        for work in works:
+            work.wait(timeout=timeout)
+    except RuntimeError as err:
+        raise RuntimeError(f"sending a batch to model rank {dst} failed or timed out after {timeout.total_seconds():g} s "
+                           f"(did that rank die?): {err}") from err
+
+
+class LocalFeeder:
+    """A colocated rank's feeder: ``Feeder`` in a background thread, up to ``depth`` batches ahead, with
+    the ``get() -> (batch or None at the end, seconds waited)`` of ``BatchReceiver``. Checkpoint
+    snapshots are kept until the training loop takes them with ``take_snapshot(step)``."""
+
+    def __init__(self, feeder: Feeder, total_batches: int, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._snapshots: dict[int, dict] = {}
+        self._lock = threading.Lock()
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, args=(feeder, total_batches), name="feeder", daemon=True)
+        self._thread.start()
+
+    def _keep_snapshot(self, step: int, snapshot: dict) -> None:
+        with self._lock:
+            self._snapshots[step] = snapshot
+
+    def _run(self, feeder: Feeder, total_batches: int) -> None:
+        try:
+            for parts in feeder.chunks(total_batches, self._keep_snapshot):
+                self._queue.put(parts[0])
+            self._queue.put(None)
+        except BaseException as err:  # handed to get(), which raises it in the training thread
+            self._queue.put(err)
+
+    def get(self) -> tuple[dict[str, torch.Tensor] | None, float]:
+        if self._ended:
+            return None, 0.0
+        start = time.perf_counter()
+        item = self._queue.get()
+        waited = time.perf_counter() - start
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise RuntimeError(f"feeder failed: {type(item).__name__}: {item}") from item
+        if item is None:
+            self._ended = True
+        return item, waited
+
+    def take_snapshot(self, step: int) -> dict:
+        with self._lock:
+            return self._snapshots.pop(step)
+
+    def close(self) -> None:
+        while self.get()[0] is not None:
+            pass
+        self._thread.join()

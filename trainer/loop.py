@@ -1,0 +1,252 @@
+"""What model ranks run: receive encoded batches, train the MMDiT under DDP over the model group, log,
+checkpoint, and continue exactly from a checkpoint.
+
+One optimizer step = ``accumulation_steps`` micro-batches from this rank's feeder (a ``BatchReceiver``
+from its loader rank, or a colocated ``LocalFeeder``); gradients are all-reduced by DDP on the last
+micro-batch only. Model-group rank 0 writes metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.checkpoint import (
+    CheckpointWriteError,
+    load_rank_state,
+    load_trainer_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_rank_state,
+    wait_for_rank_states,
+    checkpoint_metadata,
+)
+from trainer.config import TrainConfig
+from trainer.ema import EMA
+from trainer.feeder import LocalFeeder, is_checkpoint_step
+from trainer.flow import CFGDropout, flow_loss
+from trainer.lr_schedule import build_scheduler
+from trainer.metrics import MetricsLogger
+from trainer.model import MMDiT
+from trainer.sample_cli import save_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRankContext:
+    rank: int  # global rank
+    world_size: int
+    group: dist.ProcessGroup  # the model ranks
+    num_model_ranks: int
+    group_rank: int
+    device: torch.device
+    dataset_version: str
+    resume_from: Path | None  # a step folder to continue from
+    source: object  # BatchReceiver or LocalFeeder: get() -> (batch or None, seconds waited)
+    run_config: dict  # the whole TrainConfig as plain values, for wandb
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: model ranks compare it at each checkpoint (DDP keeps them equal)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    return MMDiT.from_pretrained(folder).state_dict()
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> MMDiT:
+    """The MMDiT of the config, from the seed (every model rank builds the same one; DDP broadcasts rank
+    0's anyway), or with the weights of ``checkpoint.init_from`` when finetuning."""
+    torch.manual_seed(cfg.train.seed)
+    model = MMDiT.from_preset(cfg.model.preset, **cfg.model.overrides)
+    if cfg.checkpoint.init_from is not None:
+        source = resolve_checkpoint(cfg.checkpoint.init_from)
+        model.load_state_dict(_weights_of(source / "model"))
+        log.info("finetuning from the weights of %s", source)
+    return model.to(device)
+
+
+def _check_model_ranks_agree(rank_files: list[Path], model_ranks: list[int], step: int) -> None:
+    hashes = {rank: torch.load(rank_files[rank], weights_only=True)["weights_sha256"] for rank in model_ranks}
+    if len(set(hashes.values())) != 1:
+        raise CheckpointWriteError(f"step {step}: model ranks hold different weights (sha256 per rank: {hashes})")
+
+
+def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext, model_ranks: list[int]) -> None:
+    device, group = ctx.device, ctx.group
+    model = build_model(cfg, device)
+    ema = EMA(model, cfg.ema.decay, cfg.ema.every, device="cpu" if cfg.ema.device == "cpu" else None)
+    if cfg.checkpoint.init_from is not None and (resolve_checkpoint(cfg.checkpoint.init_from) / "ema").is_dir():
+        ema.load_state_dict(_weights_of(resolve_checkpoint(cfg.checkpoint.init_from) / "ema"))
+
+    # DDP regroups its gradient buckets after the first step it runs; a resumed run's first step would use
+    # the original grouping, summing gradients in another order (one-ulp differences). Without that
+    # regrouping (find_unused_parameters=True never regroups) a CPU run resumes bitwise; on GPU the
+    # reductions are not bitwise reproducible anyway, so it keeps DDP's faster default.
+    ddp = DistributedDataParallel(model, process_group=group, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=device.type == "cpu")
+    forward = torch.compile(ddp) if cfg.train.compile else ddp
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
+    # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so fp16 support would not change
+    # the checkpoint format.
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + ctx.rank)
+    start_step, wandb_run_id = 0, None
+
+    if cfg.checkpoint.init_from is not None:
+        init_state = load_trainer_state(cfg.checkpoint.init_from)
+        if not cfg.checkpoint.reset_optimizer:
+            optimizer.load_state_dict(init_state["optimizer"])
+            for group_settings in optimizer.param_groups:  # the new run's lr schedule, not the old run's
+                group_settings["lr"] = group_settings["initial_lr"] = cfg.train.lr
+        if not cfg.checkpoint.reset_logger:
+            wandb_run_id = init_state.get("wandb_run_id")
+    # Built after a finetuning run took over the old optimizer state, so the new run's warmup applies.
+    scheduler = build_scheduler(optimizer, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps,
+                                cfg.train.total_steps, cfg.train.lr_schedule)
+    if ctx.resume_from is not None:
+        model.load_state_dict(_weights_of(ctx.resume_from / "model"))
+        ema.load_state_dict(_weights_of(ctx.resume_from / "ema"))
+        state = load_trainer_state(ctx.resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_step, wandb_run_id = state["step"], state["wandb_run_id"]
+        own = load_rank_state(ctx.resume_from, ctx.rank)
+        torch.set_rng_state(own["rng_cpu"])
+        generator.set_state(own["generator"])
+        if device.type == "cuda" and "rng_cuda" in own:
+            torch.cuda.set_rng_state(own["rng_cuda"], device)
+        if state["dataset_version"] != ctx.dataset_version:
+            log.warning("resuming on dataset version %s; the checkpoint was trained on %s",
+                        ctx.dataset_version, state["dataset_version"])
+        log.info("rank %d resumes after step %d from %s", ctx.rank, start_step, ctx.resume_from)
+
+    metrics = None
+    if ctx.group_rank == 0:
+        metrics = MetricsLogger(cfg.checkpoint.dir, cfg.train.total_steps, start_step, cfg.log.wandb_mode,
+                                cfg.log.wandb_project, wandb_run_id, ctx.run_config, cfg.log.progress, cfg.log.every)
+    drop = CFGDropout(cfg.train.null_prob_pooled, tuple(cfg.train.null_prob_text))
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    accumulation = cfg.train.accumulation_steps
+    sampler = _Sampler(cfg, device) if ctx.group_rank == 0 and cfg.log.sample_every else None
+
+    try:
+        ddp.train()
+        for step in range(start_step + 1, cfg.train.total_steps + 1):
+            started, waited, loss_sum = time.perf_counter(), 0.0, 0.0
+            for micro in range(accumulation):
+                batch, seconds = ctx.source.get()
+                waited += seconds
+                if batch is None:
+                    raise RuntimeError(f"rank {ctx.rank}: the feeder ended before step {step} had its data")
+                batch = {name: tensor.to(device, torch.float32, non_blocking=True) for name, tensor in batch.items()}
+                sync = contextlib.nullcontext() if micro == accumulation - 1 else ddp.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss, _ = flow_loss(forward, batch["latents"], batch["text"], batch["pooled"], generator, drop,
+                                            cfg.train.t_sampling, cfg.train.t_mean, cfg.train.t_std)
+                    (loss / accumulation).backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.maybe_update(model, step)
+            elapsed = time.perf_counter() - started
+            # Loss and waiting averaged over the model ranks; in float64 a sum of a few float32 values is exact,
+            # so the reduction order cannot change the logged loss.
+            stats = torch.tensor([loss_sum / accumulation, waited / elapsed], dtype=torch.float64, device=device)
+            dist.all_reduce(stats, group=group)
+            stats /= ctx.num_model_ranks
+            loss_mean = stats[0].item()
+            if metrics is not None:
+                metrics.log_step({
+                    "step": step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm.item(),
+                    "images_per_s": cfg.train.batch_size * accumulation * ctx.num_model_ranks / elapsed,
+                    "data_wait_frac": stats[1].item(),
+                })
+            if sampler is not None and step % cfg.log.sample_every == 0:
+                sampler.log(ema.model, metrics, step)
+            if is_checkpoint_step(step, cfg.checkpoint.every, cfg.train.total_steps):
+                _checkpoint(cfg, ctx, model_ranks, step, loss_mean, model, ema, optimizer, scheduler, scaler, generator,
+                            metrics.run_id if metrics is not None else None)
+        ctx.source.close()
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _checkpoint(cfg, ctx: ModelRankContext, model_ranks, step, loss, model, ema, optimizer, scheduler, scaler, generator,
+                wandb_run_id) -> None:
+    own = {"role": "model", "rng_cpu": torch.get_rng_state(), "generator": generator.get_state(),
+           "weights_sha256": weights_sha256(model)}
+    if ctx.device.type == "cuda":
+        own["rng_cuda"] = torch.cuda.get_rng_state(ctx.device)
+    if isinstance(ctx.source, LocalFeeder):
+        own["feeder"] = ctx.source.take_snapshot(step)
+    save_rank_state(cfg.checkpoint.dir, step, ctx.rank, own)
+    if ctx.group_rank != 0:
+        return
+    rank_files = wait_for_rank_states(cfg.checkpoint.dir, step, ctx.world_size, cfg.topology.timeout_s)
+    _check_model_ranks_agree(rank_files, model_ranks, step)
+    trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "wandb_run_id": wandb_run_id, "dataset_version": ctx.dataset_version}
+    meta = {"loss": loss, "dataset_version": ctx.dataset_version, "resolution": cfg.data.resolution}
+    step_dir = save_checkpoint(cfg.checkpoint.dir, step, model, ema.model, cfg.encoders, meta, trainer_state, rank_files,
+                               cfg.checkpoint.keep)
+    log.info("saved %s", step_dir)
+    # Imported here: only this rank reports lineage, and dagster is a slow import for the others.
+    from orchestration.lineage import record_checkpoint
+
+    try:
+        record_checkpoint(step_dir, checkpoint_metadata(step_dir))
+    except Exception as err:  # the checkpoint is safe on disk; a lineage store problem must not stop training
+        log.warning("could not record %s in Dagster: %s: %s", step_dir, type(err).__name__, err)
+
+
+class _Sampler:
+    """Sample images from the EMA weights for wandb every ``log.sample_every`` steps (model-group rank 0);
+    the encoders are loaded on first use only."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg, self.device, self.encoders = cfg, device, None
+
+    def log(self, model: MMDiT, metrics: MetricsLogger, step: int) -> None:
+        from trainer.encoders import Encoders
+        from trainer.pipeline import Pipeline
+
+        if self.encoders is None:
+            self.encoders = Encoders(self.cfg.encoders, device=self.device)
+        was_device = next(model.parameters()).device
+        pipe = Pipeline(model.to(self.device), self.encoders)
+        size = self.cfg.data.resolution
+        images = pipe.generate(self.cfg.log.sample_prompts, steps=self.cfg.log.sample_steps, cfg=self.cfg.log.sample_cfg,
+                               width=size, height=size, seed=step)
+        model.to(was_device)
+        metrics.log_images(step, images, self.cfg.log.sample_prompts)
+        out = self.cfg.checkpoint.dir / "samples"
+        for i, image in enumerate(images):
+            save_atomic(out / f"step_{step:07d}_{i}.png", lambda f, image=image: image.save(f, format="PNG"))

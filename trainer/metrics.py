@@ -1,0 +1,86 @@
+"""Training metrics from rank 0 of the model group: one JSON line per optimizer step in
+``<checkpoint.dir>/metrics.jsonl``, the same values to wandb (disabled / offline / online), and a tqdm
+progress bar on the console.
+
+On ``--resume`` the lines of steps after the resumed checkpoint (written by the run that crashed) are
+dropped, so metrics.jsonl reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from trainer.checkpoint import write_text_atomic
+
+METRICS_FILE = "metrics.jsonl"
+KEYS = ("step", "loss", "lr", "grad_norm", "images_per_s", "data_wait_frac")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+def read_metrics(checkpoint_dir: str | os.PathLike) -> list[dict]:
+    path = Path(checkpoint_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(checkpoint_dir: Path, last_step: int) -> None:
+    """Keep only the lines of steps <= last_step (atomically)."""
+    path = checkpoint_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+class MetricsLogger:
+    def __init__(self, checkpoint_dir: Path, total_steps: int, start_step: int, wandb_mode: str, wandb_project: str,
+                 wandb_run_id: str | None, run_config: dict, progress: bool, every: int):
+        """``wandb_run_id`` resumes that wandb run (None starts a new one; read ``run_id`` to save it)."""
+        if wandb_mode not in WANDB_MODES:
+            raise ValueError(f"log.wandb_mode must be one of {list(WANDB_MODES)}, got {wandb_mode!r}")
+        self.checkpoint_dir, self.every = checkpoint_dir, every
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(checkpoint_dir, start_step)
+        self._file = open(checkpoint_dir / METRICS_FILE, "a")
+        self._wandb = None
+        self.run_id = wandb_run_id
+        if wandb_mode != "disabled":
+            import wandb  # only runs that log to wandb pay for importing it
+
+            self._wandb = wandb.init(
+                project=wandb_project, mode=wandb_mode, id=wandb_run_id, resume="allow" if wandb_run_id else None,
+                dir=str(checkpoint_dir), config=run_config,
+            )
+            self.run_id = self._wandb.id
+        self._bar = tqdm(total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step")
+
+    def log_step(self, values: dict) -> None:
+        missing = set(KEYS) - values.keys()
+        if missing:
+            raise KeyError(f"metrics lack {sorted(missing)}")
+        self._file.write(json.dumps(values) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
+        self._bar.update(1)
+        if values["step"] % self.every == 0:
+            self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                  wait=f"{values['data_wait_frac']:.2f}")
+
+    def log_images(self, step: int, images: list, captions: list[str]) -> None:
+        if self._wandb is None:
+            return
+        import wandb
+
+        self._wandb.log({"samples": [wandb.Image(img, caption=c) for img, c in zip(images, captions)]}, step=step)
+
+    def close(self) -> None:
+        self._bar.close()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()

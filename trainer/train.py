@@ -1,0 +1,159 @@
+"""Train the MMDiT: ``torchrun --nproc_per_node=N trainer/train.py --config FILE [--resume] [section.key=value ...]``.
+
+Every rank validates the config, the topology (against WORLD_SIZE) and the data before the process group
+starts, so a bad setup fails on every rank at once with the same message. Then loader ranks run
+``trainer.feeder.run_loader`` and model ranks ``trainer.loop.train_model_rank``. Any error is logged
+with the rank that saw it and the process exits non-zero at once: its peers' collectives and receives
+then fail or time out (``topology.timeout_s``), so every rank ends, none hangs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a script, Python puts trainer/ first on sys.path, where model.py, data.py, config.py ...
+    # would shadow top-level modules of the same names; the repository root is what the imports need.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import logging
+import os
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from etl.config import to_mapping
+from etl.index import dataset_version
+from trainer.checkpoint import (
+    CheckpointNotFoundError,
+    clean_stale_writes,
+    load_rank_state,
+    resolve_checkpoint,
+    save_rank_state,
+)
+from trainer.config import load_train_config
+from trainer.data import BucketSampler, open_index
+from trainer.feeder import Feeder, LocalFeeder, run_loader
+from trainer.loop import ModelRankContext, train_model_rank
+from trainer.topology import Topology, new_groups
+from trainer.transport import BatchReceiver
+
+log = logging.getLogger("trainer")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--resume", action="store_true", help="continue from <checkpoint.dir>/latest")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, value parsed as YAML")
+    return parser.parse_args(argv)
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _check_batches_fit(cfg, topology: Topology, index) -> None:
+    """Build each feeder's kind of sampler once, so a batch larger than every bucket fails on all ranks
+    at start (a sampler per distinct batch size: each one scans the whole index)."""
+    if topology.colocated:
+        sizes, replicas = {cfg.train.batch_size}, topology.world_size
+    else:
+        sizes = {cfg.train.batch_size * len(topology.models_of(loader)) for loader in topology.loader_ranks}
+        replicas = len(topology.loader_ranks)
+    for batch_size in sorted(sizes):
+        BucketSampler(index, batch_size, cfg.train.seed, 0, replicas)
+
+
+def _resume_point(cfg, resume: bool) -> Path | None:
+    if not resume:
+        return None
+    try:
+        return resolve_checkpoint(cfg.checkpoint.dir)
+    except CheckpointNotFoundError:
+        log.warning("--resume: no checkpoint in %s yet, starting from step 0", cfg.checkpoint.dir)
+        return None
+
+
+def _init_process_group(backend: str, timeout: timedelta) -> None:
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:  # `python trainer/train.py` without torchrun: one colocated rank
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def run(args: argparse.Namespace) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_train_config(args.config, args.overrides)
+    topology = Topology.from_config(cfg.topology, world_size)
+    index = open_index(cfg.data.root, cfg.data.resolution)
+    _check_batches_fit(cfg, topology, index)
+    version = dataset_version(index)
+    resume_from = _resume_point(cfg, args.resume)
+    if rank == 0:
+        log.info("%s; data version %s; %s", topology.describe(), version,
+                 f"resuming from {resume_from}" if resume_from else "starting at step 0")
+
+    device = _device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=cfg.topology.timeout_s)
+    _init_process_group("nccl" if device.type == "cuda" else "gloo", timeout)
+    model_group = new_groups(topology, timeout)
+    if rank == 0:
+        clean_stale_writes(cfg.checkpoint.dir)
+    dist.barrier()  # nobody stages checkpoint state before the stale staging folders are gone
+
+    own_state = load_rank_state(resume_from, rank) if resume_from is not None else None
+    if own_state is not None:
+        torch.set_rng_state(own_state["rng_cpu"])
+    if topology.role(rank) == "loader":
+        loaders = topology.loader_ranks
+        run_loader(cfg, topology.models_of(rank), loaders.index(rank), len(loaders), index, device,
+                   own_state and own_state["feeder"],
+                   lambda step, snapshot: _save_loader_state(cfg, step, rank, snapshot))
+    else:
+        if topology.colocated:
+            feeder = Feeder(cfg, index, 1, rank, world_size, device, own_state and own_state["feeder"])
+            source = LocalFeeder(feeder, cfg.train.total_steps * cfg.train.accumulation_steps, cfg.topology.prefetch)
+        else:
+            source = BatchReceiver(topology.loader_of(rank), cfg.topology.prefetch, device, timeout_s=cfg.topology.timeout_s)
+        model_ranks = topology.model_ranks
+        ctx = ModelRankContext(
+            rank=rank, world_size=world_size, group=model_group, num_model_ranks=len(model_ranks),
+            group_rank=model_ranks.index(rank), device=device, dataset_version=version, resume_from=resume_from,
+            source=source, run_config=to_mapping(cfg),
+        )
+        train_model_rank(cfg, ctx, model_ranks)
+    dist.barrier()  # the last checkpoint is written before any rank tears the process group down
+    dist.destroy_process_group()
+
+
+def _save_loader_state(cfg, step: int, rank: int, snapshot: dict) -> None:
+    save_rank_state(cfg.checkpoint.dir, step, rank, {"role": "loader", "rng_cpu": torch.get_rng_state(), "feeder": snapshot})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except BaseException as err:  # noqa: BLE001 - every failure must end this rank, with its reason
+        log.error("rank %s failed: %s: %s\n%s", rank, type(err).__name__, err, traceback.format_exc())
+        logging.shutdown()
+        sys.stderr.flush()
+        # os._exit, not sys.exit: receiver threads and an unfinished process group would make a normal
+        # interpreter shutdown wait on the very peer that failed.
+        os._exit(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

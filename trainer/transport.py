@@ -1,0 +1,187 @@
+"""Loader rank -> model rank transport over torch.distributed point-to-point, at each batch's real size.
+
+A message is a fixed-size int64 header, then the tensors it describes. The header says what follows:
+
+    [kind, n, then per tensor slot: name id, dtype id, ndim, shape padded to MAX_NDIM]
+
+``kind`` is BATCH (n tensors follow), END (the loader has no more data) or ERROR (a uint8 tensor of n
+bytes follows: the loader's error message). The reference padded every latent to the maximum resolution
+(filling the rest with inf) so that shapes never had to travel; sending the shape first costs 184 bytes
+and lets every bucket travel at its own size (benchmarks/transport_bytes.py).
+
+Every receive is bounded by ``timeout_s``: a dead or stuck peer gives a ``TransportTimeout`` naming it,
+never a hang.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+TENSOR_NAMES = ("latents", "text", "pooled")
+DTYPES = (
+    torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool
+)
+MAX_NDIM = 4
+SLOT = 3 + MAX_NDIM
+HEADER_LEN = 2 + len(TENSOR_NAMES) * SLOT
+BATCH, END, ERROR = 1, 2, 3
+MAX_MESSAGE_BYTES = 4096
+
+
+class TransportError(RuntimeError):
+    pass
+
+
+class TransportTimeout(TransportError):
+    pass
+
+
+class LoaderFailed(TransportError):
+    pass
+
+
+def _header(kind: int, n: int, device) -> torch.Tensor:
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    header[0], header[1] = kind, n
+    return header.to(device)
+
+
+def _batch_header(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    header[0], header[1] = BATCH, len(batch)
+    for slot, (name, tensor) in enumerate(batch.items()):
+        if name not in TENSOR_NAMES:
+            raise TransportError(f"cannot send tensor {name!r}: a batch holds only {TENSOR_NAMES}")
+        if tensor.dtype not in DTYPES:
+            raise TransportError(f"cannot send {name} of dtype {tensor.dtype}: supported {DTYPES}")
+        if tensor.dim() > MAX_NDIM:
+            raise TransportError(f"cannot send {name} with {tensor.dim()} dimensions (at most {MAX_NDIM})")
+        start = 2 + slot * SLOT
+        fields = [TENSOR_NAMES.index(name), DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
+        header[start : start + len(fields)] = torch.tensor(fields, dtype=torch.int64)
+    return header
+
+
+def send_batch(batch: dict[str, torch.Tensor], dst: int, group=None) -> list[dist.Work]:
+    """Start sending ``batch`` to global rank ``dst``; wait on the returned works before reusing its tensors."""
+    if not batch:
+        raise TransportError("cannot send an empty batch")
+    tensors = [t.contiguous() for t in batch.values()]
+    device = tensors[0].device
+    works = [dist.isend(_batch_header(batch).to(device), dst, group=group)]
+    works.extend(dist.isend(tensor, dst, group=group) for tensor in tensors)
+    return works
+
+
+def send_end(dst: int, group=None, device="cpu") -> None:
+    """Tell ``dst`` that no more batches follow (it then stops cleanly)."""
+    dist.send(_header(END, 0, device), dst, group=group)
+
+
+def send_error(dst: int, message: str, group=None, device="cpu") -> None:
+    """Tell ``dst`` that its loader failed, with the reason, so it exits non-zero instead of waiting."""
+    data = message.encode("utf-8", errors="replace")[:MAX_MESSAGE_BYTES]
+    dist.send(_header(ERROR, len(data), device), dst, group=group)
+    if data:
+        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), dst, group=group)
+
+
+def _wait(work: dist.Work, src: int, timeout_s: float, what: str) -> None:
+    try:
+        work.wait(timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as err:  # gloo and NCCL report timeouts and closed connections as RuntimeError
+        text = str(err)
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            raise TransportTimeout(f"no {what} from rank {src} within {timeout_s:g} s: is that rank alive?") from err
+        raise TransportError(f"receiving {what} from rank {src} failed (did that rank die?): {text}") from err
+
+
+def _receive(tensor: torch.Tensor, src: int, group, timeout_s: float, what: str) -> torch.Tensor:
+    _wait(dist.irecv(tensor, src, group=group), src, timeout_s, what)
+    return tensor
+
+
+def recv_batch(src: int, group=None, device="cpu", timeout_s: float = 300.0) -> dict[str, torch.Tensor] | None:
+    """The next batch from global rank ``src``; None when it sent the end sentinel.
+
+    Raises ``LoaderFailed`` when ``src`` sent its error sentinel and ``TransportTimeout`` after ``timeout_s``.
+    """
+    header = _receive(torch.empty(HEADER_LEN, dtype=torch.int64, device=device), src, group, timeout_s, "batch header")
+    kind, n, *slots = header.tolist()
+    if kind == END:
+        return None
+    if kind == ERROR:
+        message = "(no message)"
+        if n:
+            data = _receive(torch.empty(n, dtype=torch.uint8, device=device), src, group, timeout_s, "error message")
+            message = bytes(data.cpu().tolist()).decode("utf-8", errors="replace")
+        raise LoaderFailed(f"loader failed: {message} (reported by rank {src})")
+    if kind != BATCH or not 0 < n <= len(TENSOR_NAMES):
+        raise TransportError(f"malformed header from rank {src}: kind {kind}, {n} tensors")
+    batch = {}
+    for slot in range(n):
+        name_id, dtype_id, ndim, *shape = slots[slot * SLOT : (slot + 1) * SLOT]
+        if not (0 <= name_id < len(TENSOR_NAMES) and 0 <= dtype_id < len(DTYPES) and 0 <= ndim <= MAX_NDIM):
+            raise TransportError(f"malformed header from rank {src}: tensor slot {slot} is {slots[slot * SLOT:][:SLOT]}")
+        name = TENSOR_NAMES[name_id]
+        tensor = torch.empty(shape[:ndim], dtype=DTYPES[dtype_id], device=device)
+        batch[name] = _receive(tensor, src, group, timeout_s, f"tensor {name!r}")
+    return batch
+
+
+class BatchReceiver:
+    """Receives batches from one loader in a background thread, up to ``depth`` ahead of the training step.
+
+    ``get()`` returns (batch, seconds waited for it); the batch is None once the loader has sent its end
+    sentinel. A loader failure or a timeout in the thread is raised by ``get()``.
+    """
+
+    def __init__(self, src: int, depth: int, device="cpu", group=None, timeout_s: float = 300.0):
+        if depth < 1:
+            raise ValueError(f"BatchReceiver: depth must be at least 1, got {depth}")
+        self.src = src
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._failure: BaseException | None = None
+        self._ended = False
+        self._thread = threading.Thread(
+            target=self._run, args=(src, device, group, timeout_s), name=f"recv-from-{src}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, src, device, group, timeout_s) -> None:
+        while True:
+            try:
+                batch = recv_batch(src, group=group, device=device, timeout_s=timeout_s)
+            except BaseException as err:  # handed to get(), which raises it in the training thread
+                self._queue.put(err)
+                return
+            self._queue.put(batch)
+            if batch is None:
+                return
+
+    def get(self) -> tuple[dict[str, torch.Tensor] | None, float]:
+        if self._failure is not None:
+            raise self._failure
+        if self._ended:
+            return None, 0.0
+        start = time.perf_counter()
+        item = self._queue.get()
+        waited = time.perf_counter() - start
+        if isinstance(item, BaseException):
+            self._failure = item
+            raise item
+        if item is None:
+            self._ended = True
+        return item, waited
+
+    def close(self) -> None:
+        """Consume what the loader still sends until its end sentinel (each receive stays bounded)."""
+        while self.get()[0] is not None:
+            pass
+        self._thread.join()
