@@ -49,9 +49,14 @@ def file_version(*paths: Path) -> dg.DataVersion:
     return dg.DataVersion(digest.hexdigest()[:16])
 
 
-def write_step(result: StepResult, kept_path: Path, rejects_path: Path) -> None:
+# The trainer reads bucketed rows one at a time: small row groups keep a random read from decompressing
+# the whole shard (about 130 ms a row with one row group, under 2 ms with 128 rows a group).
+BUCKET_ROW_GROUP = 128
+
+
+def write_step(result: StepResult, kept_path: Path, rejects_path: Path, row_group_size: int | None = None) -> None:
     write_parquet_atomic(result.rejects, rejects_path)
-    write_parquet_atomic(result.kept, kept_path)
+    write_parquet_atomic(result.kept, kept_path, row_group_size=row_group_size)
 
 
 def step_metadata(result: StepResult, rows_in: int, seconds: float, path: Path) -> dict:
@@ -197,7 +202,7 @@ def build_pipeline_assets(resolutions: list[int]) -> list[dg.AssetsDefinition]:
         result = bucket_shard(table, resolution, cfg.buckets)
         check_accounting(table["key"], result, f"bucket_{resolution}")
         out = layout.bucketed(resolution, shard)
-        write_step(result, out, layout.rejects(f"bucket_{resolution}", shard))
+        write_step(result, out, layout.rejects(f"bucket_{resolution}", shard), row_group_size=BUCKET_ROW_GROUP)
         violations = bucketed_violations(result.kept, resolution, cfg.buckets.multiple)
         metadata = step_metadata(result, table.num_rows, time.perf_counter() - start, out)
         metadata["bucket_histogram"] = dg.MetadataValue.json(bucket_histogram(

@@ -51,9 +51,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
-        return {
-            _coerce(k, key_tp, f"{where}.{k}"): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()
-        }
+
+        def key(k):
+            # JSON (a config saved with a checkpoint) turns integer keys into strings.
+            if key_tp is int and isinstance(k, str) and k.lstrip("-").isdigit():
+                return int(k)
+            return _coerce(k, key_tp, f"{where}.{k}")
+
+        return {key(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_mapping(tp, value, where)
     if tp is bool:

@@ -14,14 +14,18 @@ class CorruptShardError(RuntimeError):
     pass
 
 
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, compression: str = "zstd") -> Path:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, compression: str = "zstd",
+                         row_group_size: int | None = None) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file.
+
+    ``row_group_size`` bounds what a random read must decompress (the trainer reads single rows).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f, compression=compression)
+            pq.write_table(table, f, compression=compression, row_group_size=row_group_size)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

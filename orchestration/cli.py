@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from trainer.eval_cli import add_parser as add_eval_parser
 from trainer.sample_cli import add_parser as add_sample_parser
 
 WORKSPACE = Path(__file__).resolve().parents[1] / "workspace.yaml"
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_ui)
 
     add_sample_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 

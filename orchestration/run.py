@@ -1,14 +1,17 @@
 """`sd3 data run`: materialize every asset for every partition through Dagster, stage by stage.
 
 Dagster runs target one partition each, so a stage is one run per partition, up to `concurrency` runs
-at a time; each run uses the multiprocess executor. Every run lands in the instance under DAGSTER_HOME,
-so `dagster dev` on the same home shows the lineage and metadata of what this command did.
+at a time; each run uses the multiprocess executor. Runs are launched from worker processes, not
+threads: Dagster's run setup reconfigures Python logging and deadlocks against a concurrent run in the
+same process. Every run lands in the instance under DAGSTER_HOME, so `dagster dev` on the same home
+shows the lineage and metadata of what this command did.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -69,33 +72,36 @@ def recaption_pool_limit(config: PipelineConfig) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def run_pipeline(config_path: str | Path, instance: dg.DagsterInstance | None = None,
-                 log=print) -> PipelineReport:
+def execute_partition(job_name: str, tags: dict[str, str]) -> list[str]:
+    """One Dagster run of a stage job (in a pool worker); returns its failure messages (empty: success)."""
+    job = dg.build_reconstructable_job("orchestration.definitions", "stage_job", (job_name,))
+    with dg.DagsterInstance.get() as instance:
+        # Step events still reach the instance (and the UI); the console only hears about problems.
+        quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+        result = dg.execute_job(job, instance, tags=tags, run_config=quiet)
+        return [] if result.success else _failure_messages(result)
+
+
+def run_pipeline(config_path: str | Path, log=print) -> PipelineReport:
+    """Materialize every stage for every partition in the Dagster instance under DAGSTER_HOME."""
     config_path = str(Path(config_path).resolve())
     config = PipelineConfig.from_yaml(config_path)
-    # The multiprocess executor's children rebuild the definitions from this variable.
+    # Pool workers and the multiprocess executor's children rebuild the definitions from this variable.
     os.environ[CONFIG_ENV] = config_path
     build_definitions(config_path)
-    instance = instance or dg.DagsterInstance.get()
-    instance.event_log_storage.set_concurrency_slots("recaption", recaption_pool_limit(config))
+    with dg.DagsterInstance.get() as instance:
+        instance.event_log_storage.set_concurrency_slots("recaption", recaption_pool_limit(config))
     layout = DataLayout(config.root)
 
-    for job_name, asset_keys, kind in STAGE_JOBS:
-        keys = _partition_keys(kind, config, layout)
-        log(f"[{job_name}] {', '.join(asset_keys)}: {len(keys)} run(s)")
-        job = dg.build_reconstructable_job("orchestration.definitions", "stage_job", (job_name,))
-
-        def launch(key):
-            with dg.DagsterInstance.from_ref(instance.get_ref()) as run_instance:
-                return key, dg.execute_job(job, run_instance, tags=_tags(kind, key, config))
-
-        failures = []
-        with ThreadPoolExecutor(max_workers=max(1, config.concurrency)) as pool:
-            for key, result in pool.map(launch, keys):
-                if not result.success:
-                    failures += [f"partition {key}: {m}" for m in _failure_messages(result)]
-        if failures:
-            raise PipelineError(f"stage {job_name} failed:\n  " + "\n  ".join(failures))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, config.concurrency), mp_context=context) as pool:
+        for job_name, asset_keys, kind in STAGE_JOBS:
+            keys = _partition_keys(kind, config, layout)
+            log(f"[{job_name}] {', '.join(asset_keys)}: {len(keys)} run(s)")
+            runs = [(key, pool.submit(execute_partition, job_name, _tags(kind, key, config))) for key in keys]
+            failures = [f"partition {key}: {m}" for key, run in runs for m in run.result()]
+            if failures:
+                raise PipelineError(f"stage {job_name} failed:\n  " + "\n  ".join(failures))
 
     report = pipeline_report(layout, config.buckets.resolutions)
     if not report.balanced:

@@ -27,7 +27,10 @@ VAE_DOWNSAMPLING = 8
 # matching the tiny default MMDiT, also when its encoders section sets other keys but no preset.
 DEFAULT_ENCODERS_PRESET = "tiny"
 # (section, key) pairs holding paths, resolved against the config file or the working directory.
-PATH_KEYS = (("data", "root"), ("checkpoint", "dir"), ("checkpoint", "init_from"))
+PATH_KEYS = (
+    ("data", "root"), ("checkpoint", "dir"), ("checkpoint", "init_from"),
+    ("log", "eval_prompts_file"), ("log", "eval_reference"), ("log", "eval_inception"), ("log", "eval_clip"),
+)
 
 
 def _at_least(section: Any, minimum: float, *names: str) -> None:
@@ -172,12 +175,32 @@ class LogSection:
     sample_steps: int = 20
     sample_cfg: float = 5.0
     progress: bool = True
+    # FID (and CLIP score) of the EMA weights against reference images, into metrics.jsonl as eval_fid /
+    # eval_clip_score and <checkpoint.dir>/eval/step_*.json (see trainer/evaluation.py). The other model
+    # ranks wait meanwhile: keep the prompt set small enough to finish within topology.timeout_s.
+    eval_every: int = 0  # 0 = never
+    eval_prompts_file: Path | None = None  # one prompt per line
+    eval_reference: Path | None = None  # image folder, or bucketed parquet shard(s)
+    eval_inception: Path | None = None  # FID Inception-v3 weights file
+    eval_clip: Path | None = None  # local CLIP folder; no CLIP score without it
+    eval_steps: int = 20
+    eval_cfg: float = 5.0
+    eval_images_per_prompt: int = 1
 
     def __post_init__(self):
-        _at_least(self, 1, "every", "sample_steps")
-        _at_least(self, 0, "sample_every")
+        _at_least(self, 1, "every", "sample_steps", "eval_steps", "eval_images_per_prompt")
+        _at_least(self, 0, "sample_every", "eval_every")
         if self.sample_every and not self.sample_prompts:
             raise ConfigError("sample_prompts: give at least one prompt when sample_every > 0")
+        if self.eval_every:
+            # Checked here, before any rank starts, rather than at the first evaluation hours in.
+            for name in ("eval_prompts_file", "eval_reference", "eval_inception"):
+                path = getattr(self, name)
+                if path is None or not path.exists():
+                    raise ConfigError(f"{name}: {'not set' if path is None else f'{path} does not exist'} "
+                                      "(needed when eval_every > 0)")
+            if self.eval_clip is not None and not self.eval_clip.is_dir():
+                raise ConfigError(f"eval_clip: {self.eval_clip} is not a folder")
 
 
 @dataclass

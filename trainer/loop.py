@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.checkpoint import (
     CheckpointWriteError,
+    write_text_atomic,
     load_rank_state,
     load_trainer_state,
     resolve_checkpoint,
@@ -150,7 +152,9 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext, model_ranks: list[
     drop = CFGDropout(cfg.train.null_prob_pooled, tuple(cfg.train.null_prob_text))
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     accumulation = cfg.train.accumulation_steps
-    sampler = _Sampler(cfg, device) if ctx.group_rank == 0 and cfg.log.sample_every else None
+    pipelines = TrainingPipelines(cfg, device)
+    sampler = _Sampler(cfg, pipelines) if ctx.group_rank == 0 and cfg.log.sample_every else None
+    evaluation = TrainingEvaluation(cfg, pipelines) if ctx.group_rank == 0 and cfg.log.eval_every else None
 
     try:
         ddp.train()
@@ -183,11 +187,14 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext, model_ranks: list[
             stats /= ctx.num_model_ranks
             loss_mean = stats[0].item()
             if metrics is not None:
-                metrics.log_step({
+                values = {
                     "step": step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm.item(),
                     "images_per_s": cfg.train.batch_size * accumulation * ctx.num_model_ranks / elapsed,
                     "data_wait_frac": stats[1].item(),
-                })
+                }
+                if evaluation is not None and step % cfg.log.eval_every == 0:
+                    values |= evaluation.run(ema.model, step)
+                metrics.log_step(values)
             if sampler is not None and step % cfg.log.sample_every == 0:
                 sampler.log(ema.model, metrics, step)
             if is_checkpoint_step(step, cfg.checkpoint.every, cfg.train.total_steps):
@@ -218,35 +225,81 @@ def _checkpoint(cfg, ctx: ModelRankContext, model_ranks, step, loss, model, ema,
     step_dir = save_checkpoint(cfg.checkpoint.dir, step, model, ema.model, cfg.encoders, meta, trainer_state, rank_files,
                                cfg.checkpoint.keep)
     log.info("saved %s", step_dir)
-    # Imported here: only this rank reports lineage, and dagster is a slow import for the others.
-    from orchestration.lineage import record_checkpoint
-
     try:
+        # Imported here: only this rank reports lineage, dagster is a slow import, and a GPU training image
+        # may not have it at all (seen on an H200 machine): the checkpoint must not depend on it.
+        from orchestration.lineage import record_checkpoint
+
         record_checkpoint(step_dir, checkpoint_metadata(step_dir))
     except Exception as err:  # the checkpoint is safe on disk; a lineage store problem must not stop training
         log.warning("could not record %s in Dagster: %s: %s", step_dir, type(err).__name__, err)
 
 
-class _Sampler:
-    """Sample images from the EMA weights for wandb every ``log.sample_every`` steps (model-group rank 0);
-    the encoders are loaded on first use only."""
+class TrainingPipelines:
+    """Sampling pipelines around the training model (model-group rank 0); the encoders are loaded on first
+    use, once for the samples and the evaluations."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg, self.device, self.encoders = cfg, device, None
 
-    def log(self, model: MMDiT, metrics: MetricsLogger, step: int) -> None:
+    @contextlib.contextmanager
+    def around(self, model: MMDiT):
         from trainer.encoders import Encoders
         from trainer.pipeline import Pipeline
 
         if self.encoders is None:
             self.encoders = Encoders(self.cfg.encoders, device=self.device)
         was_device = next(model.parameters()).device
-        pipe = Pipeline(model.to(self.device), self.encoders)
+        try:
+            yield Pipeline(model.to(self.device), self.encoders)
+        finally:
+            model.to(was_device)
+
+
+class _Sampler:
+    """Sample images from the EMA weights for wandb every ``log.sample_every`` steps."""
+
+    def __init__(self, cfg: TrainConfig, pipelines: TrainingPipelines):
+        self.cfg, self.pipelines = cfg, pipelines
+
+    def log(self, model: MMDiT, metrics: MetricsLogger, step: int) -> None:
         size = self.cfg.data.resolution
-        images = pipe.generate(self.cfg.log.sample_prompts, steps=self.cfg.log.sample_steps, cfg=self.cfg.log.sample_cfg,
-                               width=size, height=size, seed=step)
-        model.to(was_device)
+        with self.pipelines.around(model) as pipe:
+            images = pipe.generate(self.cfg.log.sample_prompts, steps=self.cfg.log.sample_steps,
+                                   cfg=self.cfg.log.sample_cfg, width=size, height=size, seed=step)
         metrics.log_images(step, images, self.cfg.log.sample_prompts)
         out = self.cfg.checkpoint.dir / "samples"
         for i, image in enumerate(images):
             save_atomic(out / f"step_{step:07d}_{i}.png", lambda f, image=image: image.save(f, format="PNG"))
+
+
+class TrainingEvaluation:
+    """FID (and CLIP score) of the EMA weights every ``log.eval_every`` steps, at the data resolution with a
+    fixed seed so evaluations compare; the reference features are computed once, at the first."""
+
+    def __init__(self, cfg: TrainConfig, pipelines: TrainingPipelines, feature_extractor: torch.nn.Module | None = None,
+                 feature_size: int | None = None):
+        """``feature_extractor`` / ``feature_size`` replace the FID Inception (see ``Evaluator``)."""
+        from trainer.evaluation import INCEPTION_SIZE, Evaluator, GenerationSettings, read_prompts
+
+        log_cfg, size = cfg.log, cfg.data.resolution
+        settings = GenerationSettings(steps=log_cfg.eval_steps, cfg=log_cfg.eval_cfg, width=size, height=size, seed=0,
+                                      batch_size=log_cfg.eval_images_per_prompt)
+        self.evaluator = Evaluator(
+            read_prompts(log_cfg.eval_prompts_file, "log.eval_prompts_file"), log_cfg.eval_reference,
+            inception=log_cfg.eval_inception, clip=log_cfg.eval_clip, settings=settings, device=pipelines.device,
+            feature_extractor=feature_extractor, feature_size=feature_size or INCEPTION_SIZE, setting_prefix="log.eval_",
+        )
+        self.pipelines, self.out = pipelines, cfg.checkpoint.dir / "eval"
+
+    def run(self, model: MMDiT, step: int) -> dict:
+        """The scores for metrics.jsonl / wandb; the whole report goes to ``eval/step_<step>.json``."""
+        with self.pipelines.around(model) as pipe:
+            report = self.evaluator.evaluate(pipe)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.out / f"step_{step:07d}.json", json.dumps({"step": step, **report}, indent=2) + "\n")
+        log.info("step %d: FID %.3f", step, report["fid"])
+        scores = {"eval_fid": report["fid"]}
+        if report["clip_score"] is not None:
+            scores["eval_clip_score"] = report["clip_score"]
+        return scores

@@ -25,7 +25,9 @@ from tests.etl.fault_server import FaultServer
 RESOLUTIONS = [64, 128]
 # Routes of the fault server and the download-stage reason each must produce.
 HTTP_FAULTS = {"/404": "http_404", "/500": "http_500", "/slow": "timeout"}
-SERVED_FINE = ["/redirect", "/png-as-text", "/valid.png", "/valid.jpg"]
+# Served fine; the redirect, the PNG served as text/plain and /valid.png are the same bytes, so the
+# first of them (smallest key) is kept and the other two are exact duplicates.
+SERVED_FINE = {"/redirect": "kept", "/png-as-text": "duplicate", "/valid.png": "duplicate", "/valid.jpg": "kept"}
 
 
 def shape_png(colour, size=(120, 90)) -> bytes:
@@ -65,8 +67,8 @@ def finished_run(tmp_path_factory):
         rows = []  # (url, caption, punsafe, expected: "kept" | a reason | "rejected")
         for path, reason in HTTP_FAULTS.items():
             rows.append((server.url(path), f"fault {path}", 0.1, reason))
-        for path in SERVED_FINE:
-            rows.append((server.url(path), f"fine {path}", 0.1, "kept"))
+        for path, expected in SERVED_FINE.items():
+            rows.append((server.url(path), f"fine {path}", 0.1, expected))
         for name, (body, content_type, expected) in BAD_IMAGES.items():
             expected = "kept" if expected == "kept" else "rejected"
             rows.append((server.add(f"/bad/{name}", body, content_type), f"a picture of {name}", 0.1, expected))

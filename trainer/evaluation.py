@@ -1,0 +1,261 @@
+"""FID and CLIP score of images generated from a checkpoint, against a reference set of real images.
+
+    evaluator = Evaluator(read_prompts("prompts.txt", "--prompts"), "buckets/256", inception="pt_inception.pth")
+    report = evaluator.evaluate(Pipeline.from_checkpoint("runs/demo/checkpoints"))  # {"fid": ..., ...}
+
+FID is torchmetrics' ``FrechetInceptionDistance``: the FID Inception-v3 of torch-fidelity with weights
+read from a local file (``pt_inception-2015-12-05-6726825d.pth``, the file torch-fidelity and pytorch-fid
+download; nothing is downloaded here), or any feature module given in code. The reference features are
+computed once per ``Evaluator`` and kept, so evaluating every N training steps only pays for the
+generated images. The CLIP score (100 x the cosine of image and prompt embeddings, floored at 0, as in
+torchmetrics) needs a local transformers CLIP folder (model + processor).
+
+Reference sets: a folder of image files, or bucketed parquet (a shard, or a folder of shards) with an
+``image`` column of encoded bytes. An image that cannot be decoded is counted with its reason, never
+dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from etl.images import ImageRejected, decode, open_image, to_rgb
+from etl.storage import CorruptShardError
+
+INCEPTION_SIZE = 299  # the FID Inception's input side
+INCEPTION_FEATURES = 2048  # its pool3 features, the standard FID layer
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+FEATURE_BATCH = 32
+
+
+class EvalSetupError(ValueError):
+    """A setting that makes the evaluation impossible; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What ``Pipeline.generate`` gets; a fixed seed by default so two evaluations compare like with like."""
+
+    steps: int = 50
+    cfg: float = 5.0
+    sampler: str = "euler"
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    batch_size: int = 1  # images per prompt
+    shift: float = 1.0
+
+
+def read_prompts(path: str | os.PathLike, setting: str) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalSetupError(f"{setting}: prompts file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise EvalSetupError(f"{setting}: {path} holds no prompt (one per line)")
+    return prompts
+
+
+def _decoded(data: bytes | None) -> Image.Image | ImageRejected:
+    if data is None:
+        return ImageRejected("undecodable", "null image")
+    try:
+        return to_rgb(decode(open_image(data)))
+    except ImageRejected as rejected:
+        return rejected
+
+
+def _parquet_images(path: Path) -> Iterator[Image.Image | ImageRejected]:
+    try:
+        shard = pq.ParquetFile(path)
+        if "image" not in shard.schema_arrow.names:
+            raise EvalSetupError(f"{path}: no 'image' column (columns: {', '.join(shard.schema_arrow.names)})")
+        for batch in shard.iter_batches(columns=["image"], batch_size=FEATURE_BATCH):
+            for data in batch.column("image").to_pylist():
+                yield _decoded(data)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err
+
+
+def iter_reference(source: str | os.PathLike, setting: str = "--reference") -> Iterator[Image.Image | ImageRejected]:
+    """Every reference image as RGB, or the rejection of one that cannot be used, in a stable order."""
+    source = Path(source)
+    if source.is_file() and source.suffix == ".parquet":
+        yield from _parquet_images(source)
+        return
+    if not source.is_dir():
+        raise EvalSetupError(f"{setting}: {source} is neither a folder nor a .parquet file")
+    shards = sorted(source.rglob("*.parquet"))
+    if shards:
+        for shard in shards:
+            yield from _parquet_images(shard)
+        return
+    image_suffixes = set(Image.registered_extensions())
+    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in image_suffixes)
+    if not files:
+        raise EvalSetupError(f"{setting}: {source} holds no parquet shard and no image file")
+    for file in files:
+        yield _decoded(file.read_bytes())
+
+
+def to_batch(images: list[Image.Image], size: int) -> torch.Tensor:
+    """(N, 3, size, size) uint8. Squashed to a square with PIL's bicubic filter, as clean-fid does: feature
+    networks take one square size, and a batch needs one shape whatever the buckets' aspect ratios."""
+    pixels = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for im in images])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+
+
+def build_fid(inception: str | os.PathLike | None, setting: str, feature_extractor: torch.nn.Module | None = None):
+    """torchmetrics' FID that keeps the reference features across ``reset()``. Without ``feature_extractor``
+    the FID Inception is loaded from the local file ``inception``; a missing file is an error naming
+    ``setting``. A custom extractor takes uint8 (N, 3, S, S) and returns (N, features)."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ModuleNotFoundError as err:  # torch-fidelity installed without a torchvision that imports
+        raise EvalSetupError(f"cannot import torchmetrics' FID ({err}): torch-fidelity needs a torchvision "
+                             "built for this torch; install it or uninstall torch-fidelity") from err
+    if feature_extractor is not None:
+        return FrechetInceptionDistance(feature=feature_extractor, reset_real_features=False)
+    if inception is None:
+        raise EvalSetupError(
+            f"{setting}: FID needs the FID Inception-v3 weights as a local file ({INCEPTION_FILE}, which "
+            "torch-fidelity downloads); nothing is downloaded here"
+        )
+    path = Path(inception)
+    if not path.is_file():
+        raise EvalSetupError(f"{setting}: Inception weights file {path} does not exist (expected {INCEPTION_FILE})")
+    # torch-fidelity reads the file with torch.load(weights_only=False); reading it here first with
+    # weights_only=True refuses any file that holds more than tensors before that unrestricted load runs.
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises anything from UnpicklingError to RuntimeError on a bad file
+        raise EvalSetupError(f"{setting}: {path} is not a plain tensor state dict: {err}") from err
+    try:
+        return FrechetInceptionDistance(feature=INCEPTION_FEATURES, reset_real_features=False,
+                                        feature_extractor_weights_path=str(path))
+    except ModuleNotFoundError as err:
+        raise EvalSetupError(
+            f"{setting}: the FID Inception needs torch-fidelity with a torchvision built for this torch "
+            f"({err}); install both, or evaluate on a machine that has them"
+        ) from err
+
+
+class ClipScorer:
+    """CLIP score of images against their prompts with a local transformers CLIP folder.
+
+    Written here rather than torchmetrics' CLIPScore: torchmetrics 1.9 expects ``get_image_features`` to
+    return a tensor, and transformers 5 returns a model output there."""
+
+    def __init__(self, path: str | os.PathLike, setting: str, device: str | torch.device = "cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        path = Path(path)
+        if not path.is_dir():
+            raise EvalSetupError(f"{setting}: CLIP folder {path} does not exist")
+        try:
+            self.model = CLIPModel.from_pretrained(path).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise EvalSetupError(f"{setting}: cannot load a CLIP model and processor from {path}: {err}") from err
+        self.max_tokens = self.model.config.text_config.max_position_embeddings
+
+    @torch.no_grad()
+    def scores(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True,
+                                max_length=self.max_tokens)
+        out = self.model(**inputs.to(self.model.device))
+        cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+        return 100 * cosine.clamp(min=0).cpu()
+
+
+class Evaluator:
+    """Loads the feature networks and checks the settings once; ``evaluate(pipeline)`` any number of times.
+
+    ``setting_prefix`` is how errors name the settings: ``--`` for the command line (``--inception``),
+    ``log.eval_`` for the training config (``log.eval_inception``)."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        reference: str | os.PathLike,
+        inception: str | os.PathLike | None = None,
+        clip: str | os.PathLike | None = None,
+        settings: GenerationSettings = GenerationSettings(),
+        device: str | torch.device = "cpu",
+        feature_extractor: torch.nn.Module | None = None,
+        feature_size: int = INCEPTION_SIZE,
+        setting_prefix: str = "--",
+    ):
+        if not prompts:
+            raise EvalSetupError("give at least one prompt")
+        if len(prompts) * settings.batch_size < 2:
+            raise EvalSetupError(f"FID needs at least 2 generated images: give two prompts or a batch size of 2 "
+                                 f"(got {len(prompts)} prompt(s) x batch size {settings.batch_size})")
+        self.prompts, self.settings, self.device = list(prompts), settings, torch.device(device)
+        self.reference, self.setting_prefix = Path(reference), setting_prefix
+        if not self.reference.exists():
+            raise EvalSetupError(f"{setting_prefix}reference: {self.reference} does not exist")
+        self.feature_size = feature_size
+        self.fid = build_fid(inception, f"{setting_prefix}inception", feature_extractor).to(self.device)
+        self.feature_name = "custom" if feature_extractor is not None else f"inception-v3 ({Path(inception).name})"
+        self.clip = ClipScorer(clip, f"{setting_prefix}clip", self.device) if clip is not None else None
+        self.clip_name = None if clip is None else str(clip)
+        self.reference_counts: dict | None = None
+
+    def _add_reference(self) -> None:
+        rejected, used, batch = Counter(), 0, []
+        for item in iter_reference(self.reference, f"{self.setting_prefix}reference"):
+            if isinstance(item, ImageRejected):
+                rejected[item.reason] += 1
+                continue
+            batch.append(item)
+            if len(batch) == FEATURE_BATCH:
+                used += self._update(batch, real=True)
+                batch = []
+        if batch:
+            used += self._update(batch, real=True)
+        if used < 2:
+            raise EvalSetupError(f"{self.setting_prefix}reference: FID needs at least 2 usable reference images, "
+                                 f"{self.reference} gave {used} (rejected: {dict(rejected) or 'none'})")
+        self.reference_counts = {"used": used, "rejected": dict(rejected)}
+
+    @torch.no_grad()
+    def _update(self, images: list[Image.Image], real: bool) -> int:
+        self.fid.update(to_batch(images, self.feature_size).to(self.device), real=real)
+        return len(images)
+
+    def evaluate(self, pipeline) -> dict:
+        """Generate the prompts' images with ``pipeline`` (a ``trainer.pipeline.Pipeline``) and score them."""
+        if self.reference_counts is None:
+            self._add_reference()
+        images = pipeline.generate(self.prompts, **asdict(self.settings))
+        prompts = [image.info["prompt"] for image in images]
+        self.fid.reset()  # drops the previous generated features only
+        for start in range(0, len(images), FEATURE_BATCH):
+            self._update(images[start : start + FEATURE_BATCH], real=False)
+        report = {
+            "fid": float(self.fid.compute()),
+            "clip_score": None,
+            "generated": len(images),
+            "prompts": len(self.prompts),
+            "reference": {"source": str(self.reference), **self.reference_counts},
+            "features": self.feature_name,
+            "clip_model": self.clip_name,
+            "settings": {**asdict(self.settings), "seed": images[0].info["seed"]},  # the one drawn for seed=-1
+        }
+        if self.clip is not None:
+            scores = torch.cat([self.clip.scores(images[i : i + FEATURE_BATCH], prompts[i : i + FEATURE_BATCH])
+                                for i in range(0, len(images), FEATURE_BATCH)])
+            report["clip_score"] = float(scores.mean())
+        return report
