@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,18 +16,15 @@ class CorruptShardError(RuntimeError):
     pass
 
 
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, compression: str = "zstd",
-                         row_group_size: int | None = None) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file.
-
-    ``row_group_size`` bounds what a random read must decompress (the trainer reads single rows).
-    """
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """``write(file)`` into a temp file beside ``path``, fsync, rename: readers see the old file or the
+    new one, never a partial one, and a crash leaves no temp file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f, compression=compression, row_group_size=row_group_size)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -33,6 +32,13 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, compression: 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, compression: str = "zstd",
+                         row_group_size: int | None = None) -> Path:
+    """``row_group_size`` bounds what a random read must decompress (the trainer reads single rows)."""
+    return write_atomic(path, lambda f: pq.write_table(table, f, compression=compression,
+                                                       row_group_size=row_group_size))
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from etl.storage import write_atomic
 from trainer.encoders import EncodersConfig
 from trainer.model import MMDiT
 
@@ -55,17 +56,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: f.write(data))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

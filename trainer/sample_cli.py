@@ -10,9 +10,7 @@ records its prompt, seed and sampler settings as text chunks; the seed is also p
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 # The names of trainer.sampling.SAMPLERS (a test keeps them equal): importing it here would load torch
@@ -53,21 +51,6 @@ def numbered(path: Path, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(count)]
 
 
-def save_atomic(path: Path, save) -> None:
-    """``save(file)`` into a temp file beside ``path``, then rename, so no half-written image is left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            save(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _image_format(path: Path, flag: str) -> str:
     from PIL import Image
 
@@ -83,6 +66,7 @@ def run(args) -> int:
     from PIL.PngImagePlugin import PngInfo
 
     from etl.config import ConfigError
+    from etl.storage import write_atomic
     from trainer.checkpoint import CheckpointNotFoundError
     from trainer.pipeline import Pipeline, check_size
 
@@ -109,12 +93,12 @@ def run(args) -> int:
         text = PngInfo()
         for key, value in image.info.items():
             text.add_text(key, str(value))
-        save_atomic(path, lambda f: image.save(f, format=out_format, **({"pnginfo": text} if out_format == "PNG" else {})))
+        write_atomic(path, lambda f: image.save(f, format=out_format, **({"pnginfo": text} if out_format == "PNG" else {})))
         print(f"wrote {path}")
     if args.gif is not None:
         duration = round(1000 / args.gif_fps)
         for image_frames, path in zip(frames, numbered(args.gif, len(frames))):
-            save_atomic(path, lambda f: image_frames[0].save(
+            write_atomic(path, lambda f: image_frames[0].save(
                 f, format="GIF", save_all=True, append_images=image_frames[1:], duration=duration, loop=0
             ))
             print(f"wrote {path} ({len(image_frames)} frames)")

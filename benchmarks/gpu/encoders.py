@@ -1,0 +1,119 @@
+"""Loader-rank throughput: the reference's VAE and text encoders at their real sizes, random weights.
+
+No weights can be downloaded, so each encoder is built from a config that reproduces the real model's
+size (Gemma-2-2B, ModernBERT-large, the MetaCLIP-L/14 text tower, the FLUX VAE), saved with
+save_pretrained and loaded back through `Encoders` exactly as a hub id or local folder is. Random weights
+cost the same time as trained ones. These are the numbers that size the loader:model ratio.
+
+    python benchmarks/gpu/encoders.py            # one H100/H200, about a minute
+    python benchmarks/gpu/encoders.py --smoke    # CPU, tiny sizes: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+
+from diffusers import AutoencoderKL  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPTextConfig, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model, ModernBertConfig, ModernBertModel,
+)
+
+from trainer.encoders import TINY_VAE_CONFIG, Encoders, EncodersConfig  # noqa: E402
+from trainer.tokenizer import build_tokenizer  # noqa: E402
+
+
+def real_sized_models(tokenizer, smoke: bool) -> dict:
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    if smoke:
+        small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+        return {
+            "gemma": Gemma2Model(Gemma2Config(**ids, **small, num_key_value_heads=1, head_dim=32,
+                                              vocab_size=len(tokenizer))),
+            "bert": ModernBertModel(ModernBertConfig(**ids, **small, cls_token_id=2, sep_token_id=3,
+                                                     vocab_size=len(tokenizer))),
+            "clip": CLIPTextModelWithProjection(CLIPTextConfig(**ids, **small, projection_dim=64,
+                                                               vocab_size=len(tokenizer))),
+            "vae": AutoencoderKL(**TINY_VAE_CONFIG),
+        }
+    return {
+        "gemma": Gemma2Model(Gemma2Config(**ids)),  # the defaults are Gemma-2-2B's
+        "bert": ModernBertModel(ModernBertConfig(**ids, cls_token_id=2, sep_token_id=3, hidden_size=1024,
+                                                 intermediate_size=2624, num_hidden_layers=28,
+                                                 num_attention_heads=16)),
+        "clip": CLIPTextModelWithProjection(CLIPTextConfig(**ids, vocab_size=49408, hidden_size=768,
+                                                           intermediate_size=3072, num_hidden_layers=12,
+                                                           num_attention_heads=12, projection_dim=768)),
+        "vae": AutoencoderKL(**{**TINY_VAE_CONFIG, "block_out_channels": (128, 256, 512, 512),
+                                "layers_per_block": 2, "norm_num_groups": 32}),
+    }
+
+
+def seconds_per_call(fn, device: torch.device, reps: int) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, one rep")
+    parser.add_argument("--captions", type=int, default=64)
+    args = parser.parse_args()
+    if args.smoke:
+        args.captions = 4
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    dtype = "float32" if device.type == "cpu" else "bfloat16"
+    reps = 1 if args.smoke else 5
+    tokenizer = build_tokenizer()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name, model in real_sized_models(tokenizer, args.smoke).items():
+            model.save_pretrained(folder / name)
+            if name != "vae":
+                tokenizer.save_pretrained(folder / name)
+            rows.append((f"{name} parameters", f"{sum(p.numel() for p in model.parameters()):,}"))
+            del model
+        config = EncodersConfig(preset="tiny" if args.smoke else "reference", vae=str(folder / "vae"),
+                                gemma=str(folder / "gemma"), bert=str(folder / "bert"), clip=str(folder / "clip"))
+        encoders = Encoders(config, device=device, dtype=dtype)
+
+        captions = [f"a {c} {s} on a white background next to a tall tree under a cloudy sky, photo {i}"
+                    for i, (c, s) in enumerate(zip(["red", "blue"] * args.captions, ["circle", "square"] * args.captions))]
+        captions = captions[: args.captions]
+        s = seconds_per_call(lambda: encoders.encode_text(captions), device, reps)
+        rows.append((f"encode_text, {len(captions)} captions", f"{s:.3f} s = {len(captions) / s:.0f} captions/s"))
+        for side, batch in ((256, 64), (512, 16)) if not args.smoke else ((64, 2),):
+            x = torch.rand(batch, 3, side, side, device=device) * 2 - 1
+            s = seconds_per_call(lambda: encoders.encode_images(x), device, reps)
+            rows.append((f"encode_images {side} px, batch {batch}", f"{batch / s:.0f} images/s"))
+        if device.type == "cuda":
+            rows.append(("GPU memory, all loaded", f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB"))
+            encoders.free_text_encoders()
+            rows.append(("GPU memory after free_text_encoders()", f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB"))
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\n### Encoders on {name}, torch {torch.__version__}, {dtype}\n")
+    print("| what | figure |\n|---|---|")
+    for what, figure in rows:
+        print(f"| {what} | {figure} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""The GPU encoder benchmark cannot run here; its --smoke mode proves the script itself works."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "encoders.py"
+
+
+def test_encoders_benchmark_smoke_prints_its_table():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| encode_text, 4 captions |" in result.stdout
+    assert "| encode_images 64 px, batch 2 |" in result.stdout
