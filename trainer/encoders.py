@@ -75,8 +75,7 @@ class EncodersConfig:
         return from_mapping(cls, data, "encoders")
 
 
-# Presets fill the unset settings of an EncodersConfig. Another issue registers "demo" (the tiny text
-# encoders with a VAE trained on the demo domain, at a local folder) through register_preset.
+# Presets fill the unset settings of an EncodersConfig; "demo" is registered below through register_preset.
 PRESETS: dict[str, dict] = {
     "reference": {
         "vae": "black-forest-labs/FLUX.1-dev",
@@ -96,6 +95,12 @@ def register_preset(name: str, **settings) -> None:
     if missing:
         raise ValueError(f"preset {name!r} lacks {sorted(missing)}")
     PRESETS[name] = settings
+
+
+# The demo: the tiny text encoders (fixed random embeddings are enough to learn its captions) with a small
+# VAE trained on the demo domain by scripts/train_demo_vae.py, shipped as package data.
+DEMO_VAE_DIR = Path(__file__).resolve().parent / "assets" / "demo_vae"
+register_preset("demo", vae=str(DEMO_VAE_DIR), gemma=TINY, bert=TINY, clip=TINY, text_len=77, text_dim=64)
 
 
 # --- the tiny components: small configs, random weights ----------------------------------------------

@@ -1,0 +1,121 @@
+"""The demo VAE (trainer/assets/demo_vae, the "demo" encoders preset) reconstructs held-out demo images the
+way the pipeline delivers them: the demo source's files resized into their 128 px buckets."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from etl.buckets import resize_to_bucket
+from etl.demo_source import make_demo_source
+from etl.storage import read_parquet
+from trainer.encoders import DEMO_VAE_DIR, Encoders, EncodersConfig
+
+REPO = Path(__file__).resolve().parents[2]
+RESOLUTION = 128  # the demo's bucket resolution
+MIN_PSNR = 28.0
+HELD_OUT_SEED = 12345  # the training script draws its images from seeds 0..2
+
+
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB of one image pair in [-1, 1] (peak-to-peak 2)."""
+    mse = ((reconstruction - target) ** 2).mean().item()
+    return 10 * np.log10(4.0 / mse)
+
+
+@pytest.fixture(scope="module")
+def held_out_images(tmp_path_factory) -> list[torch.Tensor]:
+    """Demo source images (PNG and JPEG, 96-512 px, aspect up to 2) in their buckets, as (1, 3, H, W) in [-1, 1]."""
+    source = tmp_path_factory.mktemp("demo_source")
+    urls = read_parquet(make_demo_source(source, n=18, base_url="http://127.0.0.1:1", seed=HELD_OUT_SEED))
+    images = []
+    for url in urls.column("url").to_pylist():
+        bucketed = resize_to_bucket((source / "images" / url.rsplit("/", 1)[1]).read_bytes(), RESOLUTION)
+        pixels = torch.from_numpy(np.asarray(bucketed, dtype=np.float32)).permute(2, 0, 1)
+        images.append((pixels / 127.5 - 1.0)[None])
+    return images
+
+
+@pytest.fixture(scope="module")
+def demo() -> Encoders:
+    return Encoders(EncodersConfig(preset="demo"))
+
+
+def encode_each(encoders: Encoders, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [encoders.encode_images(x, generator) for x in images]
+
+
+@pytest.fixture(scope="module")
+def held_out_latents(demo, held_out_images) -> list[torch.Tensor]:
+    return encode_each(demo, held_out_images)
+
+
+def reconstruction_psnrs(encoders: Encoders, latents: list[torch.Tensor], images: list[torch.Tensor]) -> list[float]:
+    return [psnr(encoders.decode_latents(z), x) for z, x in zip(latents, images)]
+
+
+def test_demo_preset_loads_the_shipped_small_vae(demo):
+    assert EncodersConfig(preset="demo").vae == str(DEMO_VAE_DIR)
+    weights = DEMO_VAE_DIR / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 10_000_000
+    assert demo.latent_channels == 16 and demo.downsampling == 8
+    shipped = load_file(weights)
+    loaded = demo.vae.state_dict()
+    assert shipped.keys() == loaded.keys()
+    assert all(torch.equal(shipped[k].float(), loaded[k]) for k in shipped)
+
+
+def test_held_out_demo_images_reconstruct_above_28_db(demo, held_out_images, held_out_latents):
+    sizes = {tuple(x.shape[2:]) for x in held_out_images}
+    assert len(sizes) > 3, "the held-out set should cover several bucket shapes"
+    scores = reconstruction_psnrs(demo, held_out_latents, held_out_images)
+    assert np.mean(scores) >= MIN_PSNR, scores
+    # No single image may be badly off either: every colour, shape and background must come back.
+    assert min(scores) >= MIN_PSNR - 3, scores
+
+
+def test_random_weight_vae_does_not_reconstruct(held_out_images):
+    """The bar means something: the tiny random-weight VAE falls far below it."""
+    tiny, images = Encoders(EncodersConfig(preset="tiny")), held_out_images[:4]
+    scores = reconstruction_psnrs(tiny, encode_each(tiny, images), images)
+    assert max(scores) < MIN_PSNR - 10, scores
+
+
+def test_scaled_latents_are_roughly_zero_mean_unit_variance(held_out_latents):
+    """shift_factor and scaling_factor were set from the training latents, as FLUX's are."""
+    latents = torch.cat([z.flatten() for z in held_out_latents])
+    assert abs(latents.mean().item()) < 0.25
+    assert 0.7 < latents.std().item() < 1.4
+
+
+def test_vae_handles_other_sizes_and_aspect_ratios(demo, held_out_images):
+    x = torch.nn.functional.interpolate(held_out_images[0], size=(48, 112), mode="bilinear", antialias=True)
+    z = demo.encode_images(x, torch.Generator().manual_seed(0))
+    assert z.shape == (1, 16, 6, 14)
+    assert demo.decode_latents(z).shape == x.shape
+
+
+def _training_script():
+    spec = importlib.util.spec_from_file_location("train_demo_vae", REPO / "scripts" / "train_demo_vae.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_script_is_deterministic_and_writes_a_loadable_vae(tmp_path):
+    script = _training_script()
+    tiny_run = ["--steps", "2", "--batch-size", "2", "--pool", "4", "--eval-images", "1", "--stat-images", "2",
+                "--resolution", "64", "--crop", "32", "--log-every", "1", "--eval-every", "2"]
+    script.main([*tiny_run, "--out", str(tmp_path / "a")])
+    script.main([*tiny_run, "--out", str(tmp_path / "b")])
+    first = load_file(tmp_path / "a" / "diffusion_pytorch_model.safetensors")
+    second = load_file(tmp_path / "b" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    encoders = Encoders(EncodersConfig(preset="tiny", vae=str(tmp_path / "a")))
+    assert encoders.vae.config.shift_factor != 0.0 and encoders.vae.config.scaling_factor > 0
+    assert encoders.encode_images(torch.zeros(1, 3, 32, 48)).shape == (1, 16, 4, 6)
