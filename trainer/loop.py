@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from etl.storage import write_atomic
 from trainer.checkpoint import (
     CheckpointWriteError,
     write_text_atomic,
@@ -38,7 +39,6 @@ from trainer.flow import CFGDropout, flow_loss
 from trainer.lr_schedule import build_scheduler
 from trainer.metrics import MetricsLogger
 from trainer.model import MMDiT
-from trainer.sample_cli import save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class _Sampler:
         metrics.log_images(step, images, self.cfg.log.sample_prompts)
         out = self.cfg.checkpoint.dir / "samples"
         for i, image in enumerate(images):
-            save_atomic(out / f"step_{step:07d}_{i}.png", lambda f, image=image: image.save(f, format="PNG"))
+            write_atomic(out / f"step_{step:07d}_{i}.png", lambda f, image=image: image.save(f, format="PNG"))
 
 
 class TrainingEvaluation:
