@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 from etl.config import RecaptionConfig, to_mapping
 from etl.recaption.postprocess import clean_alt_text
@@ -35,13 +37,21 @@ class AltTextCaptioner:
         return list(captions)
 
 
-def resolve_device(cfg: RecaptionConfig) -> torch.device:
+# torch is imported where a model backend needs it: every Dagster step imports this module, and the
+# alt-text backend should not pay seconds of torch import per step.
+
+
+def resolve_device(cfg: RecaptionConfig) -> "torch.device":
+    import torch
+
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
 
 
-def resolve_dtype(cfg: RecaptionConfig, device: torch.device) -> torch.dtype:
+def resolve_dtype(cfg: RecaptionConfig, device: "torch.device") -> "torch.dtype":
+    import torch
+
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, cfg.dtype)
@@ -93,7 +103,6 @@ class TransformersCaptioner:
     def llm_prompts(self, captions: list[str]) -> list[str]:
         return render_llm_prompts(self.tokenizer, captions, self.cfg)
 
-    @torch.inference_mode()
     def detailed(self, images: list[Image.Image], alt_texts: list[str]) -> list[str]:
         if not images:
             return []
@@ -104,7 +113,6 @@ class TransformersCaptioner:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.vlm.dtype)
         return self._generate(self.vlm, self.processor.tokenizer, inputs, self.cfg.max_new_tokens)
 
-    @torch.inference_mode()
     def shorten(self, captions: list[str]) -> list[str]:
         if not captions:
             return []
@@ -116,13 +124,16 @@ class TransformersCaptioner:
 
     @staticmethod
     def _generate(model, tokenizer, inputs, max_new_tokens: int) -> list[str]:
-        output = model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=_stop_token_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        import torch
+
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=_stop_token_ids(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+            )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
