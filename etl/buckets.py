@@ -24,7 +24,7 @@ STAGE = "bucket"
 # A JPEG decodes at a DCT scale no smaller than DRAFT_GAP x the bucket, other formats box-reduce down to
 # REDUCING_GAP x the bucket, then LANCZOS finishes. Measured on photo-like 1-4 MP JPEGs at 256: draft gap
 # 1.5 stays >= 43 dB PSNR against a full-resolution LANCZOS while 1.25 drops to 33 dB
-# (benchmarks/bucket_resize.py, docs/benchmarks/images.md).
+# (benchmarks/bucket_resize.py, docs/benchmarks.md, "Bucket resize").
 DRAFT_GAP = 1.5
 REDUCING_GAP = 2.0
 # Encoder effort: zlib level 1 encodes a 256 px PNG ~2.2x faster than Pillow's default 6 for ~10% more
