@@ -135,7 +135,7 @@ def build_fid(inception: str | os.PathLike | None, setting: str, feature_extract
     path = Path(inception)
     if not path.is_file():
         raise EvalSetupError(f"{setting}: Inception weights file {path} does not exist (expected {INCEPTION_FILE})")
-    # torch-fidelity reads the file with torch.load(weights_only=False); reading it here first with
+    # torch-fidelity unpickles the file without restriction; reading it here first with
     # weights_only=True refuses any file that holds more than tensors before that unrestricted load runs.
     try:
         torch.load(path, map_location="cpu", weights_only=True)
