@@ -66,7 +66,7 @@ def test_setup_error_ends_every_rank_with_its_reason(case, data_root, tmp_path):
     world_size, changes, message = SETUP_ERRORS[case]
     ranks = launch_ranks(world_size, _config_with(data_root, tmp_path, changes))
     for rank, process in enumerate(ranks):
-        _, stderr = process.communicate(timeout=60)
+        _, stderr = process.communicate(timeout=180)
         assert process.returncode != 0
         assert f"rank {rank} failed" in stderr and message in stderr, stderr[-3000:]
     assert not (tmp_path / "run" / "latest").exists()
@@ -74,14 +74,14 @@ def test_setup_error_ends_every_rank_with_its_reason(case, data_root, tmp_path):
 
 def test_world_size_mismatch_under_torchrun(data_root, tmp_path):  # noqa: F811
     config = _config_with(data_root, tmp_path, {"topology": {"loader_to_model": {0: [1, 2, 3], 4: [5, 6, 7]}}})
-    result = run(torchrun_command(4, config), timeout=90)
+    result = run(torchrun_command(4, config), timeout=180)
     assert result.returncode != 0
     assert "ranks [4, 5, 6, 7] in topology.loader_to_model do not exist with WORLD_SIZE 4" in result.stderr
 
 
 def test_unknown_override_key_is_named(data_root, tmp_path):  # noqa: F811
     config = write_config(tmp_path / "train.yaml", base_config(data_root, tmp_path / "run"))
-    result = run([sys.executable, TRAIN, "--config", str(config), "train.learning_rate=0.1"], timeout=60)
+    result = run([sys.executable, TRAIN, "--config", str(config), "train.learning_rate=0.1"], timeout=180)
     assert result.returncode != 0 and "learning_rate" in result.stderr
 
 
@@ -101,7 +101,7 @@ def test_dead_loader_ends_its_model_ranks(data_root, tmp_path):  # noqa: F811
         os.killpg(ranks[0].pid, signal.SIGKILL)  # the loader and its DataLoader workers
         messages = []
         for rank, process in enumerate(ranks[1:], start=1):
-            _, stderr = process.communicate(timeout=60)  # timeout_s is 20
+            _, stderr = process.communicate(timeout=180)  # timeout_s is 20
             assert process.returncode != 0
             assert f"rank {rank} failed" in stderr, stderr[-3000:]
             messages.append(stderr)

@@ -62,7 +62,7 @@ def torchrun_command(nproc: int, config: Path, *args: str) -> list[str]:
             "--config", str(config), *args]
 
 
-def run(command: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -171,7 +171,7 @@ def _resume_and_compare(config: Path, run_dir: Path, reference_dir: Path) -> Non
     assert losses(run_dir) == losses(reference_dir)  # bitwise: floats compared exactly
 
 
-def _kill_when(process: subprocess.Popen, ready, timeout: float = 90) -> None:
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         assert process.poll() is None, "the run ended before it could be killed"
