@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.sample_cli import DTYPES, SAMPLERS
+from trainer.sample_cli import DTYPES, add_generation_arguments
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,13 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="report JSON")
     parser.add_argument("--inception", type=Path, help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
     parser.add_argument("--clip", type=Path, help="local CLIP folder for the CLIP score (skipped when absent)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--cfg", type=float, default=5.0, help="guidance w in (1 + w) v_cond - w v_uncond; 0 = none")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="euler")
-    parser.add_argument("--shift", type=float, default=1.0, help="SD3 timestep shift (1 = none)")
-    parser.add_argument("--width", type=int, default=512, help="a multiple of 16")
-    parser.add_argument("--height", type=int, default=512, help="a multiple of 16")
-    parser.add_argument("--seed", type=int, default=0, help="fixed by default so reports compare; -1 draws one")
+    add_generation_arguments(parser, seed=0, seed_help="fixed by default so reports compare; -1 draws one")
     parser.add_argument("--batch-size", type=int, default=1, help="images per prompt")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")

@@ -19,6 +19,17 @@ SAMPLERS = ("euler", "euler_stochastic", "heun")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser, seed: int, seed_help: str) -> None:
+    """The sampling settings `sd3 sample` and `sd3 eval` share."""
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--cfg", type=float, default=5.0, help="guidance w in (1 + w) v_cond - w v_uncond; 0 = none")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="euler")
+    parser.add_argument("--shift", type=float, default=1.0, help="SD3 timestep shift (1 = none)")
+    parser.add_argument("--width", type=int, default=512, help="a multiple of 16")
+    parser.add_argument("--height", type=int, default=512, help="a multiple of 16")
+    parser.add_argument("--seed", type=int, default=seed, help=seed_help)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "sample", help="generate images from a checkpoint", description=__doc__,
@@ -26,13 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="a step folder, or a checkpoint folder with 'latest'")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--cfg", type=float, default=5.0, help="guidance w in (1 + w) v_cond - w v_uncond; 0 = none")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="euler")
-    parser.add_argument("--shift", type=float, default=1.0, help="SD3 timestep shift (1 = none)")
-    parser.add_argument("--width", type=int, default=512, help="a multiple of 16")
-    parser.add_argument("--height", type=int, default=512, help="a multiple of 16")
-    parser.add_argument("--seed", type=int, default=-1, help="-1 draws a random seed (printed)")
+    add_generation_arguments(parser, seed=-1, seed_help="-1 draws a random seed (printed)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--out", required=True, type=Path, help="image path; img.png -> img_0.png ... for a batch")
     parser.add_argument("--gif", type=Path, help="also write the denoising trajectory as a GIF")
