@@ -80,6 +80,12 @@ def make_pool(n: int, resolution: int, seed: int) -> list[torch.Tensor]:
     return [to_tensor(random_demo_image(rng, resolution)) for _ in range(n)]
 
 
+def crop_side(resolution: int, largest: int) -> int:
+    """The largest multiple of 8, at most ``largest``, that fits inside every bucket of ``resolution`` (the
+    shortest bucket side is resolution / sqrt(MAX_ASPECT))."""
+    return min(largest, int(resolution / math.sqrt(MAX_ASPECT)) // 8 * 8)
+
+
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
     """Mean PSNR in dB over the batch of images in [-1, 1] (peak-to-peak 2)."""
     mse = ((reconstruction.clamp(-1, 1) - target) ** 2).flatten(1).mean(1)
@@ -114,9 +120,12 @@ def train(args: argparse.Namespace) -> AutoencoderKL:
     vae = AutoencoderKL(**DEMO_VAE_CONFIG)
     vae.train()
     print(f"params: {sum(p.numel() for p in vae.parameters()):,}", flush=True)
-    # Pools are drawn once: drawing with 4x supersampling costs more than a training step's share.
-    pool = make_pool(args.pool, args.resolution, args.seed + 1)
-    held_out = make_pool(args.eval_images, args.resolution, args.seed + 2)
+    # Pools are drawn once: drawing with 4x supersampling costs more than a training step's share. One pool
+    # per bucket resolution: at 64 px a shape spans two or three latent pixels, at 128 px five or more, and a
+    # VAE that only saw one scale blurs the other's corners (squares and triangles decode as circles).
+    pools = {r: make_pool(args.pool // len(args.resolutions), r, args.seed + 1 + 10 * i)
+             for i, r in enumerate(args.resolutions)}
+    held_out = {r: make_pool(args.eval_images, r, args.seed + 2 + 10 * i) for i, r in enumerate(args.resolutions)}
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -126,7 +135,9 @@ def train(args: argparse.Namespace) -> AutoencoderKL:
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        batch = torch.stack([random_crop(pool[rng.randrange(len(pool))], args.crop, rng) for _ in range(args.batch_size)])
+        resolution = args.resolutions[step % len(args.resolutions)]
+        pool, crop = pools[resolution], crop_side(resolution, args.crop)
+        batch = torch.stack([random_crop(pool[rng.randrange(len(pool))], crop, rng) for _ in range(args.batch_size)])
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         mse = F.mse_loss(reconstruction, batch)
@@ -140,15 +151,17 @@ def train(args: argparse.Namespace) -> AutoencoderKL:
         if step % args.log_every == 0 or step == args.steps:
             line = f"step {step}/{args.steps}  mse {mse.item():.5f}  kl {kl.item():.3f}  {time.perf_counter() - start:.0f}s"
             if step % args.eval_every == 0 or step == args.steps:
-                line += f"  held-out PSNR {evaluate(vae, held_out):.2f} dB"
+                line += "  held-out PSNR " + ", ".join(f"{evaluate(vae, held_out[r]):.2f} dB @ {r}" for r in held_out)
             print(line, flush=True)
 
-    mean, std = latent_statistics(vae, pool[: args.stat_images], generator)
+    per_pool = args.stat_images // len(pools)
+    mean, std = latent_statistics(vae, [x for pool in pools.values() for x in pool[:per_pool]], generator)
     vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
     # Shipped in float16 to halve the committed file; rounding here makes the final PSNR the shipped VAE's.
     vae = vae.to(SAVED_DTYPE).float().eval()
     print(f"latent mean {mean:.4f} std {std:.4f} -> shift_factor {mean:.4f} scaling_factor {1 / std:.4f}")
-    print(f"final held-out PSNR {evaluate(vae, held_out):.2f} dB  ({time.perf_counter() - start:.0f}s)", flush=True)
+    scores = ", ".join(f"{evaluate(vae, held_out[r]):.2f} dB @ {r}" for r in held_out)
+    print(f"final held-out PSNR {scores}  ({time.perf_counter() - start:.0f}s)", flush=True)
     return vae
 
 
@@ -158,8 +171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crop", type=int, default=64, help="training crop side (a multiple of 8)")
-    parser.add_argument("--resolution", type=int, default=128, help="demo bucket resolution the images are drawn at")
+    parser.add_argument("--crop", type=int, default=64,
+                        help="largest training crop side (a multiple of 8); smaller where a bucket side is shorter")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 128],
+                        help="bucket resolutions the images are drawn at, batches alternating between them")
     parser.add_argument("--pool", type=int, default=2000, help="training images drawn up front")
     parser.add_argument("--eval-images", type=int, default=16)
     parser.add_argument("--stat-images", type=int, default=256, help="images whose latents set shift/scale")
@@ -171,8 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=250)
     args = parser.parse_args(argv)
-    if args.crop % 8 or args.crop > args.resolution / math.sqrt(MAX_ASPECT):
-        parser.error("--crop must be a multiple of 8 and fit inside the shortest images (resolution / sqrt(2))")
+    if args.crop % 8 or min(crop_side(r, args.crop) for r in args.resolutions) < 16:
+        parser.error("--crop must be a multiple of 8 and every resolution's shortest bucket side at least 16 px")
     return args
 
 

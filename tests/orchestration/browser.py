@@ -77,7 +77,7 @@ def _wait_until_loaded(base_url: str, process: subprocess.Popen, log: Path, dead
     """Until the webserver answers and its code location has loaded (a load error is raised, not waited on)."""
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"dagster-webserver exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         try:
             entries = graphql(base_url, LOCATION_QUERY)["workspaceOrError"]["locationEntries"]
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -89,19 +89,21 @@ def _wait_until_loaded(base_url: str, process: subprocess.Popen, log: Path, dead
         if entries and all(e["loadStatus"] == "LOADED" for e in entries):
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"dagster-webserver not ready at {base_url} after {WEBSERVER_START_TIMEOUT:.0f} s:\n"
+            raise TimeoutError(f"{process.args[0]} not ready at {base_url} after {WEBSERVER_START_TIMEOUT:.0f} s:\n"
                                f"{log.read_text()[-4000:]}")
         time.sleep(1.0)
 
 
 @contextmanager
-def dagster_webserver(dagster_home: Path, pipeline_config: Path, log: Path) -> Iterator[str]:
-    """Serve the project's workspace on 127.0.0.1 over ``dagster_home``; yields the base URL."""
+def dagster_webserver(dagster_home: Path, pipeline_config: Path, log: Path, daemon: bool = False) -> Iterator[str]:
+    """Serve the project's workspace on 127.0.0.1 over ``dagster_home``; yields the base URL. ``daemon``: run
+    `dagster dev` instead, which also starts the daemon that evaluates sensors and schedules and launches runs."""
     port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(Path(dagster_home).resolve()),
            "SD3_PIPELINE_CONFIG": str(Path(pipeline_config).resolve())}
-    command = [str(Path(sys.executable).parent / "dagster-webserver"), "-w", str(WORKSPACE),
-               "-h", "127.0.0.1", "-p", str(port)]
+    bin_dir = Path(sys.executable).parent
+    server = [str(bin_dir / "dagster"), "dev"] if daemon else [str(bin_dir / "dagster-webserver")]
+    command = [*server, "-w", str(WORKSPACE), "-h", "127.0.0.1", "-p", str(port)]
     with open(log, "w") as out:
         # Its own session, so stopping it also stops the code server it spawned.
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
