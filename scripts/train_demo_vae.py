@@ -7,7 +7,7 @@ bucketing produces, the loss is MSE plus a tiny KL term, and PSNR on a fixed hel
 trains. At the end the latent statistics of the training distribution set ``shift_factor`` and
 ``scaling_factor`` so scaled latents have zero mean and unit variance, as FLUX's do.
 
-    .venv/bin/python scripts/train_demo_vae.py   # about 18 min on a busy 2-core box; writes trainer/assets/demo_vae/
+    .venv/bin/python scripts/train_demo_vae.py   # about 10 min on a quiet 2-core box; writes trainer/assets/demo_vae/
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop", type=int, default=64,
                         help="largest training crop side (a multiple of 8); smaller where a bucket side is shorter")

@@ -15,10 +15,11 @@ from trainer.pipeline import Pipeline
 
 DATASET_IMAGES = 360  # every colour x shape x background ten times
 SEEDS = [0, 1]
-TRAIN_TIMEOUT_S = 900
+TRAIN_TIMEOUT_S = 1800  # bounds a hang; the run takes ~8 min on a quiet 2-core box
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TRAIN_TIMEOUT_S + 600)
 def test_demo_training_follows_colour_and_shape_prompts(tmp_path):
     resolution = demo_resolution()
     root = build_demo_dataset(tmp_path / "data", n=DATASET_IMAGES, resolution=resolution)
@@ -33,8 +34,4 @@ def test_demo_training_follows_colour_and_shape_prompts(tmp_path):
     score = score_pipeline(pipe, evaluation_prompts(), SEEDS, resolution, steps=SAMPLE_STEPS, cfg=SAMPLE_CFG)
     print(score.summary())
     assert score.colour_accuracy >= 0.9, score.summary()
-    if score.shape_accuracy < 0.7:
-        # Known gap (issue 6, docs/benchmarks.md "make demo"): squares still come out with rounded corners
-        # at this CPU budget. Reported as an expected failure, so CI shows it until the budget, the
-        # resolution or the presets reach the bar; the bar itself stays.
-        pytest.xfail(f"shape accuracy below the 70% bar: {score.summary()}")
+    assert score.shape_accuracy >= 0.7, score.summary()
