@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader
 from trainer.config import TrainConfig
 from trainer.data import BucketBatches, BucketSampler
 from trainer.encoders import Encoders
+from trainer.prefetch import Prefetcher
 from trainer.transport import send_batch, send_end, send_error
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,17 @@ class Feeder:
     def chunks(self, total_batches: int, on_checkpoint: Callable[[int, dict], None]) -> Iterator[list[dict]]:
         """Per batch, its ``num_chunks`` parts until ``total_batches`` batches were made in all (counting
         those before a resume). After each batch that ends a checkpoint step, ``on_checkpoint(step,
-        snapshot)`` (steps counted in optimizer steps)."""
+        snapshot)`` (steps counted in optimizer steps).
+
+        The DataLoader's worker processes are forked here, in the calling thread, not when the returned
+        iterator is first advanced: a colocated rank advances it from a background thread, and a fork there
+        copies whatever lock the training thread holds at that instant into the child (a worker hung forever
+        in torch's seeding lock, 1 run in 12)."""
+        return self._chunks(iter(self._loader()), total_batches, on_checkpoint)
+
+    def _chunks(self, items: Iterator[dict], total_batches: int, on_checkpoint: Callable[[int, dict], None]
+                ) -> Iterator[list[dict]]:
         accumulation = self.cfg.train.accumulation_steps
-        items = iter(self._loader())
         while self.batches_done < total_batches:
             item = next(items)
             if self.sleep_s:
@@ -147,49 +155,22 @@ def _wait_sent(entry: tuple[list, dict], dst: int, timeout: timedelta) -> None:
                            f"(did that rank die?): {err}") from err
 
 
-class LocalFeeder:
+class LocalFeeder(Prefetcher):
     """A colocated rank's feeder: ``Feeder`` in a background thread, up to ``depth`` batches ahead, with
     the ``get() -> (batch or None at the end, seconds waited)`` of ``BatchReceiver``. Checkpoint
     snapshots are kept until the training loop takes them with ``take_snapshot(step)``."""
 
     def __init__(self, feeder: Feeder, total_batches: int, depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._snapshots: dict[int, dict] = {}
         self._lock = threading.Lock()
-        self._ended = False
-        self._thread = threading.Thread(target=self._run, args=(feeder, total_batches), name="feeder", daemon=True)
-        self._thread.start()
+        # A colocated rank is its own only model rank: each batch has exactly one part.
+        batches = (parts[0] for parts in feeder.chunks(total_batches, self._keep_snapshot))
+        super().__init__(batches, depth, name="feeder")
 
     def _keep_snapshot(self, step: int, snapshot: dict) -> None:
         with self._lock:
             self._snapshots[step] = snapshot
 
-    def _run(self, feeder: Feeder, total_batches: int) -> None:
-        try:
-            for parts in feeder.chunks(total_batches, self._keep_snapshot):
-                self._queue.put(parts[0])
-            self._queue.put(None)
-        except BaseException as err:  # handed to get(), which raises it in the training thread
-            self._queue.put(err)
-
-    def get(self) -> tuple[dict[str, torch.Tensor] | None, float]:
-        if self._ended:
-            return None, 0.0
-        start = time.perf_counter()
-        item = self._queue.get()
-        waited = time.perf_counter() - start
-        if isinstance(item, BaseException):
-            self._ended = True
-            raise RuntimeError(f"feeder failed: {type(item).__name__}: {item}") from item
-        if item is None:
-            self._ended = True
-        return item, waited
-
     def take_snapshot(self, step: int) -> dict:
         with self._lock:
             return self._snapshots.pop(step)
-
-    def close(self) -> None:
-        while self.get()[0] is not None:
-            pass
-        self._thread.join()

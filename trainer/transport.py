@@ -15,13 +15,13 @@ never a hang.
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from trainer.prefetch import Prefetcher
 
 TENSOR_NAMES = ("latents", "text", "pooled")
 DTYPES = (
@@ -135,53 +135,20 @@ def recv_batch(src: int, group=None, device="cpu", timeout_s: float = 300.0) -> 
     return batch
 
 
-class BatchReceiver:
+def batches_from(src: int, group=None, device="cpu", timeout_s: float = 300.0) -> Iterator[dict[str, torch.Tensor]]:
+    """Every batch global rank ``src`` sends, until its end sentinel."""
+    while (batch := recv_batch(src, group=group, device=device, timeout_s=timeout_s)) is not None:
+        yield batch
+
+
+class BatchReceiver(Prefetcher):
     """Receives batches from one loader in a background thread, up to ``depth`` ahead of the training step.
 
     ``get()`` returns (batch, seconds waited for it); the batch is None once the loader has sent its end
-    sentinel. A loader failure or a timeout in the thread is raised by ``get()``.
+    sentinel. A loader failure or a timeout in the thread is raised by ``get()``; ``close()`` consumes what
+    the loader still sends (each receive stays bounded by ``timeout_s``).
     """
 
     def __init__(self, src: int, depth: int, device="cpu", group=None, timeout_s: float = 300.0):
-        if depth < 1:
-            raise ValueError(f"BatchReceiver: depth must be at least 1, got {depth}")
         self.src = src
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._failure: BaseException | None = None
-        self._ended = False
-        self._thread = threading.Thread(
-            target=self._run, args=(src, device, group, timeout_s), name=f"recv-from-{src}", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, src, device, group, timeout_s) -> None:
-        while True:
-            try:
-                batch = recv_batch(src, group=group, device=device, timeout_s=timeout_s)
-            except BaseException as err:  # handed to get(), which raises it in the training thread
-                self._queue.put(err)
-                return
-            self._queue.put(batch)
-            if batch is None:
-                return
-
-    def get(self) -> tuple[dict[str, torch.Tensor] | None, float]:
-        if self._failure is not None:
-            raise self._failure
-        if self._ended:
-            return None, 0.0
-        start = time.perf_counter()
-        item = self._queue.get()
-        waited = time.perf_counter() - start
-        if isinstance(item, BaseException):
-            self._failure = item
-            raise item
-        if item is None:
-            self._ended = True
-        return item, waited
-
-    def close(self) -> None:
-        """Consume what the loader still sends until its end sentinel (each receive stays bounded)."""
-        while self.get()[0] is not None:
-            pass
-        self._thread.join()
+        super().__init__(batches_from(src, group, device, timeout_s), depth, name=f"recv-from-{src}")
