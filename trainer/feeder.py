@@ -163,9 +163,9 @@ class LocalFeeder(Prefetcher):
     def __init__(self, feeder: Feeder, total_batches: int, depth: int):
         self._snapshots: dict[int, dict] = {}
         self._lock = threading.Lock()
+        chunks = feeder.chunks(total_batches, self._keep_snapshot)  # forks the DataLoader workers, in this thread
         # A colocated rank is its own only model rank: each batch has exactly one part.
-        batches = (parts[0] for parts in feeder.chunks(total_batches, self._keep_snapshot))
-        super().__init__(batches, depth, name="feeder")
+        super().__init__((parts[0] for parts in chunks), depth, name="feeder")
 
     def _keep_snapshot(self, step: int, snapshot: dict) -> None:
         with self._lock:
