@@ -41,7 +41,14 @@ def build_definitions(path: str) -> dg.Definitions:
     config = PipelineConfig.from_yaml(path)
     assets = build_pipeline_assets(config.buckets.resolutions)
     selections = {name: keys for name, keys, _ in STAGE_JOBS} | {"recaption_job": ["recaptioned"]}
-    jobs = {name: dg.define_asset_job(name, selection=dg.AssetSelection.assets(*keys))
+    # Each stage job's steps depend on each other, so a run has nothing to parallelize: in-process execution
+    # saves a Python + dagster start per step (the demo pipeline: 54 s -> 39 s). Runs stay separate
+    # processes (`sd3 data run`'s pool, the daemon's run launcher) and pools still apply. Captioning keeps a
+    # process per step: it is where models are loaded, and a step's exit is what frees their GPU memory
+    # before the next shard's run lands in the same worker.
+    isolated = dg.multiprocess_executor.configured({"max_concurrent": 1})
+    jobs = {name: dg.define_asset_job(name, selection=dg.AssetSelection.assets(*keys),
+                                      executor_def=isolated if "recaptioned" in keys else None)
             for name, keys in selections.items()}
     sensors, schedules = build_automation(config, jobs)
     return dg.Definitions(
@@ -50,12 +57,12 @@ def build_definitions(path: str) -> dg.Definitions:
         sensors=sensors,
         schedules=schedules,
         resources={"pipeline": PipelineResource(config_path=str(Path(path).resolve()))},
-        executor=dg.multiprocess_executor.configured({"max_concurrent": max(1, config.concurrency)}),
+        executor=dg.in_process_executor,
     )
 
 
 def stage_job(name: str) -> dg.JobDefinition:
-    """Reconstructs a stage job in any process (the multiprocess executor's children call this)."""
+    """Reconstructs a stage job in any process (`sd3 data run`'s pool workers call this)."""
     return build_definitions(config_path()).resolve_job_def(name)
 
 

@@ -1,7 +1,8 @@
 """`sd3 data run`: materialize every asset for every partition through Dagster, stage by stage.
 
 Dagster runs target one partition each, so a stage is one run per partition, up to `concurrency` runs
-at a time; each run uses the multiprocess executor. Runs are launched from worker processes, not
+at a time; a run executes its steps in the worker that launched it, except captioning (see
+``orchestration.definitions``). Runs are launched from worker processes, not
 threads: Dagster's run setup reconfigures Python logging and deadlocks against a concurrent run in the
 same process. Every run lands in the instance under DAGSTER_HOME, so `dagster dev` on the same home
 shows the lineage and metadata of what this command did.
@@ -86,7 +87,7 @@ def run_pipeline(config_path: str | Path, log=print) -> PipelineReport:
     """Materialize every stage for every partition in the Dagster instance under DAGSTER_HOME."""
     config_path = str(Path(config_path).resolve())
     config = PipelineConfig.from_yaml(config_path)
-    # Pool workers and the multiprocess executor's children rebuild the definitions from this variable.
+    # Pool workers and captioning's step processes rebuild the definitions from this variable.
     os.environ[CONFIG_ENV] = config_path
     build_definitions(config_path)
     with dg.DagsterInstance.get() as instance:
