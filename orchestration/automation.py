@@ -46,7 +46,8 @@ def shards_to_recaption(layout: DataLayout) -> list[tuple[str, int]]:
 
 def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJobDefinition]
                      ) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
-    @dg.sensor(jobs=[jobs["url_shards_job"], jobs["download_job"]], minimum_interval_seconds=config.automation.sensor_interval_s,
+    @dg.sensor(jobs=[jobs["url_shards_job"], jobs["download_job"]],
+               minimum_interval_seconds=config.automation.sensor_interval_s,
                description="Splits new or grown URL lists into shards, then downloads shards not yet downloaded.")
     def url_lists_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineResource):
         fingerprints = url_list_fingerprints(pipeline.config)

@@ -38,7 +38,7 @@ class Prefetcher:
         try:
             for item in items:
                 self._queue.put(item)
-        except BaseException as err:  # noqa: BLE001 - handed to get(), which raises it in the training thread
+        except BaseException as err:  # handed to get(), which raises it in the training thread
             self._queue.put(err)
             return
         self._queue.put(_End)
