@@ -193,7 +193,9 @@ def load_vae(config: EncodersConfig, dtype: torch.dtype = torch.float32) -> Auto
         return vae if dtype == torch.float32 else vae.to(dtype)
     return _from_pretrained(
         "vae", config.vae,
-        lambda src, token: AutoencoderKL.from_pretrained(src, subfolder=config.vae_subfolder, torch_dtype=dtype, token=token),
+        # low_cpu_mem_usage=False: no warning about accelerate on every load (see trainer.checkpoint.load_model)
+        lambda src, token: AutoencoderKL.from_pretrained(src, subfolder=config.vae_subfolder, torch_dtype=dtype,
+                                                         token=token, low_cpu_mem_usage=False),
     )
 
 

@@ -38,7 +38,7 @@ from trainer.feeder import LocalFeeder, is_checkpoint_step
 from trainer.flow import CFGDropout, flow_loss
 from trainer.lr_schedule import build_scheduler
 from trainer.metrics import MetricsLogger
-from trainer.model import MMDiT
+from trainer.model import MMDiT, MMDiTConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
-    return MMDiT.from_pretrained(folder).state_dict()
+    return MMDiT.from_pretrained(folder, low_cpu_mem_usage=False).state_dict()  # see checkpoint.load_model
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> MMDiT:
@@ -86,6 +86,19 @@ def build_model(cfg: TrainConfig, device: torch.device) -> MMDiT:
         model.load_state_dict(_weights_of(source / "model"))
         log.info("finetuning from the weights of %s", source)
     return model.to(device)
+
+
+def prime_gradient_buckets(ddp: DistributedDataParallel, device: torch.device) -> None:
+    """One backward of a one-token zero batch, its gradients thrown away. DDP regroups its gradient buckets
+    in the order gradients arrived in the first backward it runs; without this, a resumed run's first step
+    would use the original grouping and sum gradients in another order than the uninterrupted run did
+    (one-ulp differences on a CPU, where a resumed run is otherwise bitwise the same). Every run primes, so
+    every real step of every run uses the regrouped buckets."""
+    cfg: MMDiTConfig = ddp.module.mmdit_config
+    x = torch.zeros(1, cfg.in_channels, cfg.patch_size, cfg.patch_size, device=device)
+    text = torch.zeros(1, cfg.text_len, cfg.text_dim, device=device)
+    ddp(x, torch.zeros(1, device=device), text, torch.zeros(1, cfg.pooled_dim, device=device)).sum().backward()
+    ddp.module.zero_grad(set_to_none=True)
 
 
 def _check_model_ranks_agree(rank_files: list[Path], model_ranks: list[int], step: int) -> None:
@@ -101,12 +114,8 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext, model_ranks: list[
     if cfg.checkpoint.init_from is not None and (resolve_checkpoint(cfg.checkpoint.init_from) / "ema").is_dir():
         ema.load_state_dict(_weights_of(resolve_checkpoint(cfg.checkpoint.init_from) / "ema"))
 
-    # DDP regroups its gradient buckets after the first step it runs; a resumed run's first step would use
-    # the original grouping, summing gradients in another order (one-ulp differences). Without that
-    # regrouping (find_unused_parameters=True never regroups) a CPU run resumes bitwise; on GPU the
-    # reductions are not bitwise reproducible anyway, so it keeps DDP's faster default.
-    ddp = DistributedDataParallel(model, process_group=group, device_ids=[device.index] if device.type == "cuda" else None,
-                                  find_unused_parameters=device.type == "cpu")
+    ddp = DistributedDataParallel(model, process_group=group, device_ids=[device.index] if device.type == "cuda" else None)
+    prime_gradient_buckets(ddp, device)
     forward = torch.compile(ddp) if cfg.train.compile else ddp
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")

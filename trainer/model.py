@@ -83,6 +83,9 @@ class MMDiTConfig:
 PRESETS: dict[str, MMDiTConfig] = {
     # Keeps the real structure (2 encoders x 77 tokens, RoPE-2D, SwiGLU) at a size a CPU trains.
     "tiny": MMDiTConfig(dim=128, num_blocks=4, num_heads=4, text_dim=64, pooled_dim=64),
+    # SD3's depth rule (dim 64*depth, depth heads) at depth 12, with the reference encoders' widths: a
+    # model one GPU trains at a useful pace, for colocated runs and for sizing a cluster run.
+    "mid-300m": MMDiTConfig(dim=64 * 12, num_blocks=12, num_heads=12),
     # The reference run: 19 blocks, dim 64*19, 19 heads, Gemma-2-2B width text, MetaCLIP-L pooled.
     "reference-1.2b": MMDiTConfig(),
 }

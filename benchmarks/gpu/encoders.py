@@ -5,8 +5,9 @@ size (Gemma-2-2B, ModernBERT-large, the MetaCLIP-L/14 text tower, the FLUX VAE),
 save_pretrained and loaded back through `Encoders` exactly as a hub id or local folder is. Random weights
 cost the same time as trained ones. These are the numbers that size the loader:model ratio.
 
-    python benchmarks/gpu/encoders.py            # one H100/H200, about a minute
-    python benchmarks/gpu/encoders.py --smoke    # CPU, tiny sizes: checks the script runs
+    python benchmarks/gpu/encoders.py                        # one H100/H200, about a minute
+    python benchmarks/gpu/encoders.py --save /tmp/encoders   # and keep the four folders (colocated.py reads them)
+    python benchmarks/gpu/encoders.py --smoke                # CPU, tiny sizes: checks the script runs
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, one rep")
     parser.add_argument("--captions", type=int, default=64)
+    parser.add_argument("--save", help="keep the encoder folders (vae, gemma, bert, clip) here instead of a temp dir")
     args = parser.parse_args()
     if args.smoke:
         args.captions = 4
@@ -83,7 +85,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder = Path(args.save or tmp)
         for name, model in real_sized_models(tokenizer, args.smoke).items():
             model.save_pretrained(folder / name)
             if name != "vae":

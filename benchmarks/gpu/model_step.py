@@ -1,20 +1,26 @@
 """Training-step throughput and MFU of the reference-1.2b MMDiT on one GPU (bf16 autocast, fused AdamW).
 
 For 256 and 512 px images it times full training steps (rectified-flow loss with CFG dropout, backward,
-optimizer step) for each variant: SDPA vs flash-attn (when installed), activation checkpointing on/off,
-torch.compile (per block) on/off, and prints a markdown table of images/s, tokens/s, TFLOP/s and MFU.
+optimizer step) for each variant: attention through SDPA as PyTorch picks it, SDPA held to cuDNN's kernel,
+or flash-attn (when installed), activation checkpointing on/off, torch.compile (per block) on/off, batch
+sizes, and prints a markdown table of images/s, tokens/s, TFLOP/s and MFU. One row is also profiled:
+device time by category (matmul, attention, fused elementwise, optimizer, other), the top kernels, and
+how much of the wall time the GPU computed at all -- where the missing MFU goes.
 A variant that fails (out of memory, no flash-attn, a compile error) is reported and the script goes on;
 it always exits 0. Model FLOPs are counted explicitly (matmuls and attention, the formula is printed);
 MFU = model FLOPs per second / the GPU's dense bf16 peak, with recomputation not counted as useful work.
 
-    python benchmarks/gpu/model_step.py                    # H100/H200, under 5 minutes
+    python benchmarks/gpu/model_step.py                    # H100/H200, the default rows, about 4 minutes
+    python benchmarks/gpu/model_step.py --runs 512:48:sdpa+compile 512:48:cudnn+compile --profile 512:48:cudnn+compile
     python benchmarks/gpu/model_step.py --smoke            # CPU, tiny preset, 2 steps: checks the script runs
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import re
 import sys
 import time
 import traceback
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
 
@@ -53,15 +60,50 @@ def forward_flops(cfg: MMDiTConfig, height: int, width: int) -> int:
     return (cfg.num_blocks - 1) * full_block + last_block + embeddings + output
 
 
-@dataclass
-class Variant:
+ATTENTIONS = ("sdpa", "cudnn", "flash")  # SDPA as PyTorch picks it, SDPA held to cuDNN's kernel, flash-attn
+
+
+@dataclass(frozen=True)
+class Run:
+    """One table row, written RESOLUTION:BATCH:VARIANT, the variant an attention with optional +ckpt
+    (activation checkpointing of attention and MLP) and +compile (torch.compile per block):
+    "512:32:sdpa+compile", "256:64:cudnn+ckpt+compile"."""
+
+    resolution: int
+    batch: int
     attention: str
     checkpointing: bool
     compiled: bool
 
+    @classmethod
+    def parse(cls, spec: str) -> Run:
+        try:
+            resolution, batch, variant = spec.split(":")
+            attention, *flags = variant.split("+")
+            run = cls(int(resolution), int(batch), attention, "ckpt" in flags, "compile" in flags)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{spec!r}: expected RESOLUTION:BATCH:ATTENTION[+ckpt][+compile]") from None
+        if attention not in ATTENTIONS or set(flags) - {"ckpt", "compile"}:
+            raise argparse.ArgumentTypeError(f"{spec!r}: attention is one of {ATTENTIONS}, flags ckpt and compile")
+        return run
+
     @property
     def name(self) -> str:
         return f"{self.attention}{' + ckpt' if self.checkpointing else ''}{' + compile' if self.compiled else ''}"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.resolution}:{self.batch}:{self.attention}{'+ckpt' if self.checkpointing else ''}" \
+               f"{'+compile' if self.compiled else ''}"
+
+
+def default_runs(flash_installed: bool) -> list[Run]:
+    """Eager baselines first (quick), then the compiled rows, the one closest to the MFU goal first, so a run
+    cut short by its time limit still has the rows that matter."""
+    specs = ["512:16:sdpa", "256:64:sdpa", "512:32:sdpa+compile", "512:32:cudnn+compile"]
+    specs += ["512:32:flash+compile"] if flash_installed else []
+    specs += ["512:16:sdpa+compile", "512:32:sdpa+ckpt+compile", "256:64:sdpa+compile"]
+    return [Run.parse(spec) for spec in specs]
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -73,47 +115,94 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def run_variant(args, variant: Variant, resolution: int, batch: int, device: torch.device) -> dict:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Kernel (or, on a CPU, operator) names -> what they compute; the first match wins.
+KERNEL_CATEGORIES = (
+    ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
+    ("matmul", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|aten::(mm|addmm|bmm|baddbmm)$", re.I)),
+    ("optimizer", re.compile(r"adam|multi_tensor", re.I)),
+    ("fused by inductor", re.compile(r"^triton_")),
+)
+
+
+def kernel_breakdown(step, device: torch.device, steps: int = 3) -> str:
+    """Where the time of `steps` training steps goes: device time per category and the top kernels, and on a
+    GPU the share of wall time the GPU computed at all (the rest is launch overhead and waiting)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall_us = (time.perf_counter() - start) * 1e6
+    events = [e for e in prof.key_averages() if (e.device_type == torch.autograd.DeviceType.CUDA) == (device.type == "cuda")]
+    times = {e.key: (e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total, e.count) for e in events}
+    total = sum(t for t, _ in times.values()) or 1.0
+    by_category: dict[str, float] = {}
+    for key, (t, _) in times.items():
+        category = next((name for name, pattern in KERNEL_CATEGORIES if pattern.search(key)), "other")
+        by_category[category] = by_category.get(category, 0.0) + t
+    busy = f", device busy {100 * total / wall_us:.0f}% of the wall time" if device.type == "cuda" else ""
+    lines = [f"Profile of {steps} steps: {total / steps / 1e3:.1f} ms of {'kernel' if device.type == 'cuda' else 'operator'} "
+             f"time per step{busy}", "", "| category | share |", "|---|---:|"]
+    lines += [f"| {name} | {100 * t / total:.1f}% |" for name, t in sorted(by_category.items(), key=lambda kv: -kv[1])]
+    lines += ["", "| top kernels | calls per step | ms per step | share |", "|---|---:|---:|---:|"]
+    for key, (t, count) in sorted(times.items(), key=lambda kv: -kv[1][0])[:12]:
+        lines.append(f"| `{key[:90]}` | {count / steps:g} | {t / steps / 1e3:.2f} | {100 * t / total:.1f}% |")
+    return "\n".join(lines)
+
+
+def run_variant(args, run: Run, device: torch.device, profile_it: bool) -> dict:
+    torch._dynamo.reset()  # each row compiles afresh: no recompilation limit reached by earlier rows
     with device:  # built in place: initialising 1.2B parameters on the CPU would take longer than the steps
-        model = MMDiT.from_preset(args.preset, attention=variant.attention, checkpoint_attn=variant.checkpointing,
-                                  checkpoint_mlp=variant.checkpointing).train()
-    if variant.compiled:
+        model = MMDiT.from_preset(args.preset, attention="flash" if run.attention == "flash" else "sdpa",
+                                  checkpoint_attn=run.checkpointing, checkpoint_mlp=run.checkpointing).train()
+    if run.compiled:
         for block in model.blocks:  # per-block compilation: identical blocks share one compiled graph
             block.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     cfg = model.mmdit_config
     g = torch.Generator(device).manual_seed(0)
-    latent = resolution // VAE_DOWNSAMPLE
-    x0 = torch.randn(batch, cfg.in_channels, latent, latent, generator=g, device=device)
-    text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g, device=device)
-    pooled = torch.randn(batch, cfg.pooled_dim, generator=g, device=device)
+    latent = run.resolution // VAE_DOWNSAMPLE
+    x0 = torch.randn(run.batch, cfg.in_channels, latent, latent, generator=g, device=device)
+    text = torch.randn(run.batch, cfg.text_len, cfg.text_dim, generator=g, device=device)
+    pooled = torch.randn(run.batch, cfg.pooled_dim, generator=g, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # SDPA's backend flags are global and read when a graph is traced, so compiled graphs are traced inside.
+    def backends():
+        return sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if run.attention == "cudnn" else contextlib.nullcontext()
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            loss, _ = flow_loss(model, x0, text, pooled, generator=g, drop=CFGDropout())
-        loss.backward()
+        with backends():
+            with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                loss, _ = flow_loss(model, x0, text, pooled, generator=g, drop=CFGDropout())
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(args.warmup):
         step()
-    sync()
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    sync()
+    sync(device)
     seconds = (time.perf_counter() - start) / args.steps
-    tokens = (cfg.text_len + (latent // cfg.patch_size) ** 2) * batch
-    flops = 3 * forward_flops(cfg, resolution, resolution) * batch
-    return {"step_s": seconds, "images_s": batch / seconds, "tokens_s": tokens / seconds, "tflops": flops / seconds / 1e12,
-            "memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")}
+    tokens = (cfg.text_len + (latent // cfg.patch_size) ** 2) * run.batch
+    flops = 3 * forward_flops(cfg, run.resolution, run.resolution) * run.batch
+    return {"step_s": seconds, "images_s": run.batch / seconds, "tokens_s": tokens / seconds,
+            "tflops": flops / seconds / 1e12,
+            "memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+            "profile": kernel_breakdown(step, device) if profile_it else None}
 
 
 def flash_vs_sdpa_difference(args, device: torch.device) -> str:
@@ -139,25 +228,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny preset, 64 px, 2 steps, no compile")
     parser.add_argument("--preset", default="reference-1.2b")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--batch", type=int, nargs="+", default=[64, 16], help="batch per resolution")
+    parser.add_argument("--runs", type=Run.parse, nargs="+", help="rows RESOLUTION:BATCH:ATTENTION[+ckpt][+compile] "
+                        "(default: see default_runs)")
+    parser.add_argument("--profile", type=Run.parse, default=Run.parse("512:32:sdpa+compile"),
+                        help="the row to profile after timing it (kernel time by category, top kernels)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak if the GPU is not known")
-    parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.preset, args.resolutions, args.batch, args.steps, args.warmup, args.no_compile = "tiny", [64], [2], 2, 1, True
+        args.preset, args.steps, args.warmup = "tiny", 2, 1
+        args.runs = args.runs or [Run.parse("64:2:sdpa"), Run.parse("64:2:sdpa+ckpt")]
+        args.profile = Run.parse("64:2:sdpa")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     peak = peak_tflops(device, args.peak_tflops)
-
-    attentions = ["sdpa"] + (["flash"] if flash_attn_func is not None and device.type == "cuda" else [])
-    eager = [Variant(a, False, False) for a in attentions] + [Variant(attentions[-1], True, False)]
-    compiled = [] if args.no_compile else [Variant(a, False, True) for a in attentions] + [Variant(attentions[-1], True, True)]
-    # every eager variant first: if compilation is slow and the run is cut short, those rows are in
-    runs = [(r, b, v) for group in (eager, compiled) for r, b in zip(args.resolutions, args.batch) for v in group]
+    flash_installed = flash_attn_func is not None and device.type == "cuda"
+    runs = args.runs or default_runs(flash_installed)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     with torch.device("meta"):
@@ -165,23 +253,25 @@ def main(argv=None) -> int:
     print(f"# {args.preset} ({params:,} parameters) training step on {device_name}, torch {torch.__version__}, "
           f"flash-attn {'installed' if flash_attn_func is not None else 'not installed'}")
     print(FLOPS_FORMULA)
-    if "flash" in attentions:
+    if flash_installed:
         try:
             print(f"flash-attn vs SDPA, same weights and inputs, relative max difference: {flash_vs_sdpa_difference(args, device)}")
         except Exception as err:  # report and go on: the table is the point
             print(f"flash-attn vs SDPA comparison failed: {type(err).__name__}: {err}")
-    print()
-    print("| resolution | batch | variant | step s | images/s | tokens/s | TFLOP/s | MFU | peak memory GiB |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    for resolution, batch, variant in runs:
+    header = ("\n| resolution | batch | variant | step s | images/s | tokens/s | TFLOP/s | MFU | peak memory GiB |\n"
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print(header)
+    for run in runs:
         try:
-            r = run_variant(args, variant, resolution, batch, device)
+            r = run_variant(args, run, device, profile_it=run == args.profile)
             mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
-            print(f"| {resolution} | {batch} | {variant.name} | {r['step_s']:.3f} | {r['images_s']:.1f} | "
+            print(f"| {run.resolution} | {run.batch} | {run.name} | {r['step_s']:.3f} | {r['images_s']:.1f} | "
                   f"{r['tokens_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {r['memory_gib']:.1f} |", flush=True)
+            if r["profile"]:  # printed at once: a run cut short by its time limit keeps it
+                print(f"\n{run.spec}: {r['profile']}\n{header}", flush=True)
         except Exception as err:  # an optional variant failing must not hide the others
             reason = "out of memory" if isinstance(err, torch.OutOfMemoryError) else f"{type(err).__name__}: {err}"
-            print(f"| {resolution} | {batch} | {variant.name} | failed: {reason.splitlines()[0][:120]} | | | | | |", flush=True)
+            print(f"| {run.resolution} | {run.batch} | {run.name} | failed: {reason.splitlines()[0][:120]} | | | | | |", flush=True)
             traceback.print_exc(file=sys.stderr)
         finally:
             gc.collect()

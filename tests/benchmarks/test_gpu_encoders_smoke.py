@@ -7,8 +7,12 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "encoders.py"
 
 
-def test_encoders_benchmark_smoke_prints_its_table():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=600)
+def test_encoders_benchmark_smoke_prints_its_table_and_keeps_the_folders_when_asked(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--smoke", "--save", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| encode_text, 4 captions |" in result.stdout
     assert "| encode_images 64 px, batch 2 |" in result.stdout
+    # what benchmarks/gpu/colocated.py --encoders reads: each folder loadable on its own
+    for name in ("vae", "gemma", "bert", "clip"):
+        assert (tmp_path / name / "config.json").is_file()

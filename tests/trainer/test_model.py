@@ -1,4 +1,6 @@
+import argparse
 import math
+import re
 
 import pytest
 import torch
@@ -48,12 +50,14 @@ def test_tiny_preset_starts_at_zero_velocity_and_keeps_the_reference_structure()
     assert model.time_embed.scale.item() == 1000.0
 
 
-def test_reference_preset_parameter_count_on_meta_device():
+@pytest.mark.parametrize("preset, depth, count", [("reference-1.2b", 19, 1_223_339_521), ("mid-300m", 12, 307_946_497)])
+def test_large_preset_parameter_counts_on_meta_device(preset, depth, count):
     with torch.device("meta"):
-        model = MMDiT.from_preset("reference-1.2b")
+        model = MMDiT.from_preset(preset)
     cfg = model.mmdit_config
-    assert (cfg.num_blocks, cfg.dim, cfg.num_heads, cfg.patch_size, cfg.in_channels) == (19, 1216, 19, 2, 16)
-    assert sum(p.numel() for p in model.parameters()) == 1_223_339_521
+    assert (cfg.num_blocks, cfg.dim, cfg.num_heads, cfg.patch_size, cfg.in_channels) == (depth, 64 * depth, depth, 2, 16)
+    assert (cfg.text_dim, cfg.pooled_dim, cfg.text_len) == (2304, 768, 154)  # the reference encoders' widths
+    assert sum(p.numel() for p in model.parameters()) == count
 
 
 def test_joint_attention_equals_attention_over_concatenated_tokens_by_hand():
@@ -255,3 +259,17 @@ def test_gpu_benchmark_smoke_run_prints_a_table_and_exits_zero(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| 64 |")]
     assert [row.split("|")[3].strip() for row in rows] == ["sdpa", "sdpa + ckpt"]
     assert not any("failed" in row for row in rows)
+    # the profiled row's time by category: the matmuls of a tiny model are a large share, never all of it
+    shares = dict(re.findall(r"^\| (matmul|attention|other) \| ([\d.]+)%", out, re.M))
+    assert "64:2:sdpa: Profile of 3 steps" in out and set(shares) == {"matmul", "attention", "other"}
+    assert 10 < float(shares["matmul"]) < 90
+
+
+def test_gpu_benchmark_rows_parse_from_their_spec():
+    run_cls = _gpu_benchmark().Run
+    run = run_cls.parse("512:32:cudnn+ckpt+compile")
+    assert (run.resolution, run.batch, run.attention, run.checkpointing, run.compiled) == (512, 32, "cudnn", True, True)
+    assert run.spec == "512:32:cudnn+ckpt+compile" and run.name == "cudnn + ckpt + compile"
+    for bad in ("512:32", "512:x:sdpa", "512:32:xformers", "512:32:sdpa+fast"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            run_cls.parse(bad)
