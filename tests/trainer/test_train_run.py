@@ -23,6 +23,7 @@ import yaml
 
 from tests.trainer.demo_dataset import build_demo_dataset
 from trainer.checkpoint import load_model, load_rank_state, resolve_checkpoint
+from trainer.data import BucketSampler, open_index
 from trainer.loop import weights_sha256
 from trainer.metrics import KEYS, read_metrics
 
@@ -131,6 +132,29 @@ def test_four_process_run_checkpoints_identical_model_ranks(reference_run):
     assert all(0.0 <= m["data_wait_frac"] <= 1.0 and m["images_per_s"] > 0 for m in metrics)
     meta = json.loads((step_dir / "meta.json").read_text())
     assert meta["step"] == TOTAL_STEPS and meta["loss"] == metrics[-1]["loss"] and meta["dataset_version"]
+
+
+def test_two_loaders_each_feed_their_own_model_ranks_as_in_the_reference_map(data_root, tmp_path):
+    """The reference's shape of map (loaders 0 and 1 first, model ranks after) at 6 processes: four model
+    ranks train one DDP model, each loader draws its own share of every epoch for its two."""
+    run_dir = tmp_path / "run"
+    config = base_config(data_root, run_dir)
+    config["topology"] = {"loader_to_model": {0: [2, 3], 1: [4, 5]}, "prefetch": 2, "timeout_s": 30}
+    config["train"]["total_steps"] = config["checkpoint"]["every"] = 4
+    result = run(torchrun_command(6, write_config(tmp_path / "train.yaml", config)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "loader -> model ranks {0: [2, 3], 1: [4, 5]} (WORLD_SIZE 6)" in result.stderr
+    step_dir = resolve_checkpoint(run_dir)
+    saved = weights_sha256(load_model(step_dir, prefer_ema=False))
+    assert [load_rank_state(step_dir, rank)["weights_sha256"] for rank in (2, 3, 4, 5)] == [saved] * 4
+    loaders = [load_rank_state(step_dir, rank) for rank in (0, 1)]
+    assert all(state["role"] == "loader" and state["feeder"]["batches"] == 4 for state in loaders)
+    # each loader's epoch is its half of the 4-image batches (2 model ranks x 2 images) of the whole index
+    whole = BucketSampler(open_index(data_root, 64), 4, seed=0).batches_per_epoch
+    assert [state["feeder"]["sampler"]["batches_per_epoch"] for state in loaders] == [whole // 2] * 2
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["images_per_s"] > 0 and m["loss"] > 0 for m in metrics)
 
 
 def test_checkpoints_recorded_in_dagster(reference_run):
