@@ -16,7 +16,7 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --time=48:00:00
 #SBATCH --requeue
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out          # in the submitting directory (Slurm does not create folders)
 set -euo pipefail
 
 CONFIG=${1:?usage: sbatch [--nodes=N] scripts/slurm/train.sh CONFIG [section.key=value ...]}
