@@ -25,6 +25,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
 from etl.config import to_mapping
 from etl.index import dataset_version
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except BaseException as err:  # noqa: BLE001 - every failure must end this rank, with its reason
         log.error("rank %s failed: %s: %s\n%s", rank, type(err).__name__, err, traceback.format_exc())
+        # torchrun's failure summary then names this error as the root cause, not "no error file".
+        get_error_handler().record_exception(err)
         logging.shutdown()
         sys.stderr.flush()
         # os._exit, not sys.exit: receiver threads and an unfinished process group would make a normal

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Multi-node training through torchrun's c10d rendezvous: one torchrun per node, started by srun.
+# Multi-node training on Slurm: srun starts scripts/train_node.sh (a torchrun agent) on every node.
 #
 #   sbatch --nodes=4 scripts/slurm/train.sh configs/train/reference-256.yaml \
 #       'topology.loader_to_model={0: [2, 3, 4], 1: [5, 6, 7], 8: [10, 11, 12], 9: [13, 14, 15], 16: [18, 19, 20], 17: [21, 22, 23], 24: [26, 27, 28], 25: [29, 30, 31]}'
@@ -21,18 +21,11 @@ set -euo pipefail
 
 CONFIG=${1:?usage: sbatch [--nodes=N] scripts/slurm/train.sh CONFIG [section.key=value ...]}
 shift
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-RDZV_PORT=${RDZV_PORT:-29500}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-8} / GPUS_PER_NODE ))}
 
-# --kill-on-bad-exit: one failed node ends the others at once (each rank also ends on its own within
-# topology.timeout_s).
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
-    torchrun \
-    --nnodes="$SLURM_JOB_NUM_NODES" \
-    --nproc_per_node="$GPUS_PER_NODE" \
-    --rdzv_id="$SLURM_JOB_ID" \
-    --rdzv_backend=c10d \
-    --rdzv_endpoint="$HEAD_NODE:$RDZV_PORT" \
-    trainer/train.py --config "$CONFIG" --resume "$@"
+# One scripts/train_node.sh per node (sbatch runs this file from a spool copy, so the path is the
+# submitting directory's: submit from the repository root). --kill-on-bad-exit: one failed node ends the
+# others at once (each rank also ends on its own within topology.timeout_s).
+NNODES="$SLURM_JOB_NUM_NODES" NPROC_PER_NODE="${GPUS_PER_NODE:-8}" RDZV_ID="$SLURM_JOB_ID" \
+RDZV_ENDPOINT="$HEAD_NODE:${RDZV_PORT:-29500}" \
+    srun --kill-on-bad-exit=1 --ntasks-per-node=1 scripts/train_node.sh "$CONFIG" --resume "$@"

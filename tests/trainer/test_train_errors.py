@@ -18,7 +18,10 @@ from tests.trainer.test_train_run import (
     child_env,
     data_root,  # noqa: F401 - the module-scoped fixture
     free_port,
+    kill_everything,
+    node_ranks,
     run,
+    start_node,
     torchrun_command,
     write_config,
 )
@@ -76,7 +79,10 @@ def test_world_size_mismatch_under_torchrun(data_root, tmp_path):  # noqa: F811
     config = _config_with(data_root, tmp_path, {"topology": {"loader_to_model": {0: [1, 2, 3], 4: [5, 6, 7]}}})
     result = run(torchrun_command(4, config), timeout=180)
     assert result.returncode != 0
-    assert "ranks [4, 5, 6, 7] in topology.loader_to_model do not exist with WORLD_SIZE 4" in result.stderr
+    message = "ranks [4, 5, 6, 7] in topology.loader_to_model do not exist with WORLD_SIZE 4"
+    assert message in result.stderr
+    # torchrun's own summary names the error too (each rank writes torchelastic's error file)
+    assert message in result.stderr.split("Root Cause (first observed failure)")[1]
 
 
 def test_unknown_override_key_is_named(data_root, tmp_path):  # noqa: F811
@@ -112,3 +118,31 @@ def test_dead_loader_ends_its_model_ranks(data_root, tmp_path):  # noqa: F811
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def test_a_dead_node_ends_the_other_node(data_root, tmp_path):  # noqa: F811
+    """Two "nodes" of 2 ranks (scripts/train_node.sh); one is SIGKILLed mid-training, agent and ranks at
+    once: the other's ranks see their peers gone, and its torchrun agent exits non-zero, in bounded time."""
+    run_dir = tmp_path / "run"
+    config = base_config(data_root, run_dir)
+    config["train"]["total_steps"] = 10_000
+    config["checkpoint"]["every"] = 10_000
+    config_path = write_config(tmp_path / "train.yaml", config)
+    endpoint = f"127.0.0.1:{free_port()}"
+    logs = [tmp_path / "node-a.txt", tmp_path / "node-b.txt"]
+    nodes = [start_node(config_path, endpoint, log) for log in logs]
+    try:
+        deadline = time.monotonic() + 300
+        while len(read_metrics(run_dir)) < 2:
+            assert all(node.poll() is None for node in nodes), "a node ended before training started"
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        kill_everything(nodes[1])
+        assert nodes[0].wait(timeout=180) != 0  # timeout_s is 20
+        survivors = node_ranks(logs[0])
+        text = logs[0].read_text()
+        assert any(f"rank {rank} failed" in text for rank in survivors), text[-5000:]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                kill_everything(node)

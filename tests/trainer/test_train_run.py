@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from trainer.metrics import KEYS, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "trainer" / "train.py")
+TRAIN_NODE = str(REPO / "scripts" / "train_node.sh")
 TOTAL_STEPS = 6
 
 
@@ -61,6 +63,23 @@ def child_env(**extra: str) -> dict[str, str]:
 def torchrun_command(nproc: int, config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN,
             "--config", str(config), *args]
+
+
+def start_node(config: Path, endpoint: str, log: Path, *args: str) -> subprocess.Popen:
+    """One of two "nodes" on this machine: ``scripts/train_node.sh`` (what each Slurm node runs), 2 ranks,
+    meeting the other node's torchrun agent through the c10d rendezvous at ``endpoint``."""
+    env = child_env(NNODES="2", NPROC_PER_NODE="2", RDZV_ENDPOINT=endpoint, RDZV_ID=f"test-{endpoint}",
+                    LOGLEVEL="INFO", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    with open(log, "w") as out:
+        return subprocess.Popen(["bash", TRAIN_NODE, str(config), *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def node_ranks(log: Path) -> list[int]:
+    """The global ranks the torchrun agent of a node started (its rendezvous report, logged at INFO)."""
+    found = re.findall(r"global_ranks=\[([0-9, ]*)\]", log.read_text())
+    assert found, log.read_text()[-3000:]
+    return [int(r) for r in found[-1].split(",")]
 
 
 def run(command: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
@@ -155,6 +174,29 @@ def test_two_loaders_each_feed_their_own_model_ranks_as_in_the_reference_map(dat
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(m["images_per_s"] > 0 and m["loss"] > 0 for m in metrics)
+
+
+def test_two_nodes_through_the_rendezvous_train_exactly_like_one(reference_run, data_root, tmp_path):
+    """The same 4 ranks started as 2 nodes x 2 by scripts/train_node.sh: the loader's batches cross
+    "nodes" to model ranks on both, DDP spans them, and every loss equals the single-node run's bit for bit."""
+    reference_dir, _, _ = reference_run
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "train.yaml", base_config(data_root, run_dir))
+    endpoint = f"127.0.0.1:{free_port()}"
+    logs = [tmp_path / "node-a.txt", tmp_path / "node-b.txt"]
+    nodes = [start_node(config, endpoint, log) for log in logs]
+    try:
+        for node, log in zip(nodes, logs):
+            assert node.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                kill_everything(node)
+    assert sorted(node_ranks(logs[0]) + node_ranks(logs[1])) == [0, 1, 2, 3]
+    assert len(node_ranks(logs[0])) == 2
+    assert losses(run_dir) == losses(reference_dir)
+    step_dir = resolve_checkpoint(run_dir)
+    assert load_rank_state(step_dir, 3)["weights_sha256"] == load_rank_state(reference_dir / step_dir.name, 3)["weights_sha256"]
 
 
 def test_checkpoints_recorded_in_dagster(reference_run):
