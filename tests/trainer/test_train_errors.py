@@ -91,19 +91,27 @@ def test_unknown_override_key_is_named(data_root, tmp_path):  # noqa: F811
     assert result.returncode != 0 and "learning_rate" in result.stderr
 
 
+def _endless_config(data_root, tmp_path):
+    """A run that trains until it is killed, with no checkpoint on the way."""
+    config = base_config(data_root, tmp_path / "run")
+    config["train"]["total_steps"] = config["checkpoint"]["every"] = 10_000
+    return write_config(tmp_path / "train.yaml", config)
+
+
+def _wait_for_two_steps(run_dir, processes: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(read_metrics(run_dir)) < 2:
+        assert all(p.poll() is None for p in processes), "a process ended before training started"
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.05)
+
+
 def test_dead_loader_ends_its_model_ranks(data_root, tmp_path):  # noqa: F811
     """The model ranks notice on their own that their loader died (see ``launch_ranks``)."""
     run_dir = tmp_path / "run"
-    config = base_config(data_root, run_dir)
-    config["train"]["total_steps"] = 10_000
-    config["checkpoint"]["every"] = 10_000
-    ranks = launch_ranks(4, write_config(tmp_path / "train.yaml", config))
+    ranks = launch_ranks(4, _endless_config(data_root, tmp_path))
     try:
-        deadline = time.monotonic() + 90
-        while len(read_metrics(run_dir)) < 2:
-            assert all(p.poll() is None for p in ranks), "a rank ended before training started"
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.05)
+        _wait_for_two_steps(run_dir, ranks, timeout=90)
         os.killpg(ranks[0].pid, signal.SIGKILL)  # the loader and its DataLoader workers
         messages = []
         for rank, process in enumerate(ranks[1:], start=1):
@@ -123,20 +131,11 @@ def test_dead_loader_ends_its_model_ranks(data_root, tmp_path):  # noqa: F811
 def test_a_dead_node_ends_the_other_node(data_root, tmp_path):  # noqa: F811
     """Two "nodes" of 2 ranks (scripts/train_node.sh); one is SIGKILLed mid-training, agent and ranks at
     once: the other's ranks see their peers gone, and its torchrun agent exits non-zero, in bounded time."""
-    run_dir = tmp_path / "run"
-    config = base_config(data_root, run_dir)
-    config["train"]["total_steps"] = 10_000
-    config["checkpoint"]["every"] = 10_000
-    config_path = write_config(tmp_path / "train.yaml", config)
-    endpoint = f"127.0.0.1:{free_port()}"
+    config_path, endpoint = _endless_config(data_root, tmp_path), f"127.0.0.1:{free_port()}"
     logs = [tmp_path / "node-a.txt", tmp_path / "node-b.txt"]
     nodes = [start_node(config_path, endpoint, log) for log in logs]
     try:
-        deadline = time.monotonic() + 300
-        while len(read_metrics(run_dir)) < 2:
-            assert all(node.poll() is None for node in nodes), "a node ended before training started"
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.05)
+        _wait_for_two_steps(tmp_path / "run", nodes, timeout=300)
         kill_everything(nodes[1])
         assert nodes[0].wait(timeout=180) != 0  # timeout_s is 20
         survivors = node_ranks(logs[0])
