@@ -9,6 +9,7 @@
 # The rendezvous numbers the nodes in the order they join, so a node's ranks are not fixed in advance:
 # every rank reads its role from the map, and the map is checked against WORLD_SIZE (NNODES x
 # NPROC_PER_NODE) before any rank works. checkpoint.dir must be on a filesystem every node sees.
+# Optional: RDZV_ID (the job's name), NPROC_PER_NODE (default: one rank per visible GPU), MAX_RESTARTS.
 set -euo pipefail
 
 CONFIG=${1:?usage: NNODES=N RDZV_ENDPOINT=HOST:PORT scripts/train_node.sh CONFIG [--resume] [section.key=value ...]}
@@ -27,11 +28,19 @@ fi
 # Split the node's cores between its ranks unless the caller chose (DataLoader workers add their own).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
 
+# MAX_RESTARTS > 0: torchrun restarts every rank of the job when one fails, and they continue from the
+# last checkpoint (--resume). Each restart gets a fresh rendezvous store: torch's shared one would hand
+# the restarted ranks the dead ranks' addresses (trainer/train.py explains).
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+if [ "$MAX_RESTARTS" -gt 0 ]; then set -- --resume "$@"; fi
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
 # Paths in CONFIG and the overrides stay relative to the caller's directory; only train.py is found from here.
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 exec torchrun \
     --nnodes="$NNODES" \
     --nproc_per_node="$NPROC_PER_NODE" \
+    --max-restarts="$MAX_RESTARTS" \
     --rdzv_id="$RDZV_ID" \
     --rdzv_backend=c10d \
     --rdzv_endpoint="$RDZV_ENDPOINT" \

@@ -83,6 +83,20 @@ def _resume_point(cfg, resume: bool) -> Path | None:
         return None
 
 
+def _check_restart_store() -> None:
+    """torchrun keeps one rendezvous TCPStore for every restart of a job, and its ranks use it without a
+    per-attempt prefix: restarted ranks would read the dead ranks' addresses and hang connecting to them
+    (seen with torch 2.13 and gloo; NCCL's bootstrap reads the same keys). torch's own switch gives each
+    restart a fresh store."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise RuntimeError(
+            f"torchrun restarted this rank (restart {restarts}), but its rendezvous store is shared across "
+            "restarts, where the new ranks would find the dead ranks' addresses and hang: launch torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (scripts/train_node.sh sets it)"
+        )
+
+
 def _init_process_group(backend: str, timeout: timedelta) -> None:
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
@@ -93,6 +107,7 @@ def _init_process_group(backend: str, timeout: timedelta) -> None:
 def run(args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_restart_store()
     cfg = load_train_config(args.config, args.overrides)
     topology = Topology.from_config(cfg.topology, world_size)
     index = open_index(cfg.data.root, cfg.data.resolution)

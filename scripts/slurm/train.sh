@@ -8,7 +8,9 @@
 # written for one node fails with the ranks it lacks. checkpoint.dir must be on a filesystem every node
 # sees (each rank stages its own part of a checkpoint there). The job always passes --resume, so a
 # requeued or restarted job continues from the last checkpoint (and a first start begins at step 0).
-# Secrets (WANDB_API_KEY, HF_TOKEN) come from the environment of the submitting shell.
+# MAX_RESTARTS=N in the submitting shell lets torchrun restart every rank up to N times when one fails,
+# within the job (scripts/train_node.sh). Secrets (WANDB_API_KEY, HF_TOKEN) come from the environment
+# of the submitting shell.
 #SBATCH --job-name=sd3-train
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

@@ -19,6 +19,7 @@ from tests.trainer.test_train_run import (
     data_root,  # noqa: F401 - the module-scoped fixture
     free_port,
     kill_everything,
+    kill_rank,
     node_ranks,
     run,
     start_node,
@@ -145,3 +146,24 @@ def test_a_dead_node_ends_the_other_node(data_root, tmp_path):  # noqa: F811
         for node in nodes:
             if node.poll() is None:
                 kill_everything(node)
+
+
+def test_a_torchrun_restart_on_its_shared_store_fails_fast_naming_the_switch(data_root, tmp_path):  # noqa: F811
+    """Plain torchrun with restarts but torch's shared rendezvous store: the restarted ranks would hang
+    connecting to the dead ranks' addresses; instead they fail at once and name the switch that fixes it."""
+    run_dir = tmp_path / "run"
+    command = torchrun_command(4, _endless_config(data_root, tmp_path))
+    command.insert(command.index(TRAIN), "--max-restarts=1")
+    env = {k: v for k, v in child_env().items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    log = tmp_path / "torchrun.txt"
+    with open(log, "w") as out:
+        agent = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_two_steps(run_dir, [agent], timeout=300)
+        kill_rank(agent, 2)
+        assert agent.wait(timeout=180) != 0
+    finally:
+        if agent.poll() is None:
+            kill_everything(agent)
+    text = log.read_text()
+    assert "torchrun restarted this rank (restart 1)" in text and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text, text[-5000:]

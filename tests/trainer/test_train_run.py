@@ -65,14 +65,24 @@ def torchrun_command(nproc: int, config: Path, *args: str) -> list[str]:
             "--config", str(config), *args]
 
 
-def start_node(config: Path, endpoint: str, log: Path, *args: str) -> subprocess.Popen:
-    """One of two "nodes" on this machine: ``scripts/train_node.sh`` (what each Slurm node runs), 2 ranks,
-    meeting the other node's torchrun agent through the c10d rendezvous at ``endpoint``."""
-    env = child_env(NNODES="2", NPROC_PER_NODE="2", RDZV_ENDPOINT=endpoint, RDZV_ID=f"test-{endpoint}",
-                    LOGLEVEL="INFO", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+def start_node(config: Path, endpoint: str, log: Path, *args: str, nnodes: int = 2, nproc: int = 2,
+               **env: str) -> subprocess.Popen:
+    """One "node" on this machine: ``scripts/train_node.sh`` (what each Slurm node runs), ``nproc`` ranks,
+    meeting the other nodes' torchrun agents through the c10d rendezvous at ``endpoint``."""
+    env = child_env(NNODES=str(nnodes), NPROC_PER_NODE=str(nproc), RDZV_ENDPOINT=endpoint, RDZV_ID=f"test-{endpoint}",
+                    LOGLEVEL="INFO", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env)
     with open(log, "w") as out:
         return subprocess.Popen(["bash", TRAIN_NODE, str(config), *args], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_rank(agent: subprocess.Popen, rank: int) -> None:
+    """SIGKILL the one worker of a torchrun agent whose RANK is ``rank``: a crashed rank."""
+    for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split():
+        if f"RANK={rank}" in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0"):
+            os.kill(int(pid), signal.SIGKILL)
+            return
+    raise AssertionError(f"torchrun (pid {agent.pid}) has no worker with RANK={rank}")
 
 
 def node_ranks(log: Path) -> list[int]:
@@ -273,6 +283,33 @@ def test_resume_after_sigkill_during_a_checkpoint_write(reference_run, data_root
     _kill_when(process, writing_step_4)
     assert resolve_checkpoint(run_dir).name == "step_0000002"
     _resume_and_compare(config, run_dir, reference_dir)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_every_rank_when_one_dies_and_they_continue_exactly(reference_run, data_root, tmp_path):
+    """MAX_RESTARTS=1: a model rank is SIGKILLed after the first checkpoint; torchrun stops the others and
+    starts all four again, which resume from the last checkpoint (train_node.sh adds --resume), so the
+    losses equal the uninterrupted run's bit for bit and the job succeeds without a resubmission."""
+    reference_dir, _, _ = reference_run
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "train.yaml", base_config(data_root, run_dir))
+    log = tmp_path / "node.txt"
+    node = start_node(config, f"127.0.0.1:{free_port()}", log, nnodes=1, nproc=4, MAX_RESTARTS="1")
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "step_0000002").exists():
+            assert node.poll() is None, log.read_text()[-5000:]
+            assert time.monotonic() < deadline, "the run never wrote its first checkpoint"
+            time.sleep(0.002)
+        kill_rank(node, 2)
+        assert len(read_metrics(run_dir)) < TOTAL_STEPS, "the run finished before the kill"
+        assert node.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        if node.poll() is None:
+            kill_everything(node)
+    text = log.read_text()
+    assert "exitcode: -9" in text and re.search(r"resuming from \S+/step_000000[24]", text), text[-5000:]
+    assert losses(run_dir) == losses(reference_dir)
 
 
 def test_colocated_single_process_run_without_torchrun_samples_while_training(data_root, tmp_path):
