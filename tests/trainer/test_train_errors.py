@@ -167,3 +167,23 @@ def test_a_torchrun_restart_on_its_shared_store_fails_fast_naming_the_switch(dat
             kill_everything(agent)
     text = log.read_text()
     assert "torchrun restarted this rank (restart 1)" in text and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text, text[-5000:]
+
+
+def test_a_stuck_model_rank_ends_every_other_rank_by_timeout(data_root, tmp_path):  # noqa: F811
+    """SIGSTOP, not SIGKILL: the stuck rank's connections stay open (a hung GPU, a partitioned node), so
+    nothing fails fast and only the timeouts (topology.timeout_s, 20 s here) can end its peers."""
+    run_dir = tmp_path / "run"
+    ranks = launch_ranks(4, _endless_config(data_root, tmp_path))
+    try:
+        _wait_for_two_steps(run_dir, ranks, timeout=90)
+        os.killpg(ranks[2].pid, signal.SIGSTOP)
+        for rank in (0, 1, 3):
+            _, stderr = ranks[rank].communicate(timeout=240)
+            assert ranks[rank].returncode != 0
+            # each failed by its own timeout (a send, a receive or the DDP all-reduce), not by a closed connection
+            assert f"rank {rank} failed" in stderr and "Timed out waiting 20000ms" in stderr, stderr[-3000:]
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
