@@ -20,7 +20,7 @@ import pyarrow as pa
 from PIL import Image
 
 from etl.accounting import check_accounting, reject_where
-from etl.buckets import bucket_shard, bucket_size
+from etl.buckets import bucket_shard, bucket_size, write_bucketed
 from etl.download import download_shard
 from etl.filter import duplicate_winners, filter_shard, hash_candidates
 from etl.index import bucket_histogram, build_index, dataset_version
@@ -49,14 +49,9 @@ def file_version(*paths: Path) -> dg.DataVersion:
     return dg.DataVersion(digest.hexdigest()[:16])
 
 
-# The trainer reads bucketed rows one at a time: small row groups keep a random read from decompressing
-# the whole shard (about 130 ms a row with one row group, under 2 ms with 128 rows a group).
-BUCKET_ROW_GROUP = 128
-
-
-def write_step(result: StepResult, kept_path: Path, rejects_path: Path, row_group_size: int | None = None) -> None:
+def write_step(result: StepResult, kept_path: Path, rejects_path: Path, write_kept=write_parquet_atomic) -> None:
     write_parquet_atomic(result.rejects, rejects_path)
-    write_parquet_atomic(result.kept, kept_path, row_group_size=row_group_size)
+    write_kept(result.kept, kept_path)
 
 
 def step_metadata(result: StepResult, rows_in: int, seconds: float, path: Path) -> dict:
@@ -202,7 +197,7 @@ def build_pipeline_assets(resolutions: list[int]) -> list[dg.AssetsDefinition]:
         result = bucket_shard(table, resolution, cfg.buckets)
         check_accounting(table["key"], result, f"bucket_{resolution}")
         out = layout.bucketed(resolution, shard)
-        write_step(result, out, layout.rejects(f"bucket_{resolution}", shard), row_group_size=BUCKET_ROW_GROUP)
+        write_step(result, out, layout.rejects(f"bucket_{resolution}", shard), write_kept=write_bucketed)
         violations = bucketed_violations(result.kept, resolution, cfg.buckets.multiple)
         metadata = step_metadata(result, table.num_rows, time.perf_counter() - start, out)
         metadata["bucket_histogram"] = dg.MetadataValue.json(bucket_histogram(

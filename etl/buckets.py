@@ -19,6 +19,7 @@ from PIL import Image
 from etl.config import BucketConfig
 from etl.images import ImageRejected, decode, open_image, oriented_size, to_rgb
 from etl.schema import CANONICAL, StepResult, conform, make_rejects
+from etl.storage import write_parquet_atomic
 
 STAGE = "bucket"
 # A JPEG decodes at a DCT scale no smaller than DRAFT_GAP x the bucket, other formats box-reduce down to
@@ -32,6 +33,13 @@ REDUCING_GAP = 2.0
 PNG_COMPRESS_LEVEL = 1
 WEBP_METHOD = 2
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# The trainer reads random single rows, and parquet decodes a whole row group to give one: a group holds
+# about ROW_GROUP_BYTES of images (within ROW_GROUP_ROWS), so a read costs megabytes, not the 60 MB that
+# 128 rows of 512 px PNGs are. More groups cost footer, which statistics dominate: only the bucket sizes
+# keep theirs (nothing reads the others). Images skip zstd: it gains under 1% on PNG/JPEG/WebP bytes and
+# costs a pass over every group read. Measured in benchmarks/bucket_reads.py (docs/benchmarks.md).
+ROW_GROUP_BYTES = 8 * 2**20
+ROW_GROUP_ROWS = (4, 128)
 
 
 def bucket_size(height: int, width: int, resolution: int, multiple: int = 16) -> tuple[int, int] | None:
@@ -110,3 +118,17 @@ def bucket_shard(table: pa.Table, resolution: int, cfg: BucketConfig) -> StepRes
         details,
     )
     return StepResult(kept=kept, rejects=rejects)
+
+
+def row_group_rows(table: pa.Table, row_group_bytes: int = ROW_GROUP_BYTES) -> int:
+    """Rows per row group of a bucketed shard: about ``row_group_bytes`` of its images."""
+    if table.num_rows == 0:
+        return ROW_GROUP_ROWS[1]
+    mean_bytes = max(1, table["image"].nbytes // table.num_rows)
+    return min(max(round(row_group_bytes / mean_bytes), ROW_GROUP_ROWS[0]), ROW_GROUP_ROWS[1])
+
+
+def write_bucketed(table: pa.Table, path, row_group_bytes: int = ROW_GROUP_BYTES):
+    """A bucketed shard, laid out for the trainer's random single-row reads (see ROW_GROUP_BYTES)."""
+    return write_parquet_atomic(table, path, row_group_size=row_group_rows(table, row_group_bytes),
+                                uncompressed=("image",), statistics=("height", "width"))

@@ -35,10 +35,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, compression: str = "zstd",
-                         row_group_size: int | None = None) -> Path:
-    """``row_group_size`` bounds what a random read must decompress (the trainer reads single rows)."""
-    return write_atomic(path, lambda f: pq.write_table(table, f, compression=compression,
-                                                       row_group_size=row_group_size))
+                         row_group_size: int | None = None, uncompressed: tuple[str, ...] = (),
+                         statistics: bool | tuple[str, ...] = True) -> Path:
+    """``row_group_size`` bounds what a random read must decompress (the trainer reads single rows);
+    ``uncompressed`` columns are stored as they are (encoded images gain nothing from zstd);
+    ``statistics``: min/max for every column, none, or only the columns named."""
+    codecs = {name: "none" if name in uncompressed else compression for name in table.column_names}
+    stats = list(statistics) if isinstance(statistics, tuple) else statistics
+    return write_atomic(path, lambda f: pq.write_table(table, f, compression=codecs, row_group_size=row_group_size,
+                                                       write_statistics=stats))
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

@@ -8,6 +8,7 @@ to its size. Everything derives from (seed, epoch), so the position (epoch, batc
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import re
@@ -25,6 +26,10 @@ from etl.storage import read_parquet
 
 INDEX_COLUMNS = ("shard", "row", "key", "height", "width")
 SHARD_COLUMNS = ["key", "image", "caption", "recaption", "recaption_short"]
+# Open shards per DataLoader worker: a footer is about 1 KB per row group (some 100 KB-2.5 MB per 10k-row
+# shard), so an unbounded cache would grow with the dataset in every worker of every loader. Reopening
+# costs a footer parse, ~7 us per row group.
+OPEN_SHARDS = 128
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -177,8 +182,8 @@ def decode_image(data: bytes, height: int, width: int, key: str) -> torch.Tensor
 class BucketBatches(Dataset):
     """item: a list of index rows (one bucket) -> {"images": (B, 3, H, W) in [-1, 1], "captions", "keys"}.
 
-    Shard files open lazily in each DataLoader worker and stay open. A shard is read one row group at a
-    time, so shards written with small row groups make these random reads cheap.
+    Shard files open lazily in each DataLoader worker; the OPEN_SHARDS last used stay open (each keeps its
+    parsed footer). A shard is read one row group at a time: ``etl.buckets.write_bucketed`` keeps them small.
     """
 
     def __init__(self, root: str | Path, resolution: int, index: pa.Table, detailed_caption_prob: float, seed: int):
@@ -190,19 +195,23 @@ class BucketBatches(Dataset):
         self._key = index["key"].to_pylist()
         self._height = index["height"].to_numpy()
         self._width = index["width"].to_numpy()
-        self._files: dict[str, tuple[pq.ParquetFile, np.ndarray]] = {}
+        self._files: collections.OrderedDict[str, tuple[pq.ParquetFile, np.ndarray]] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._key)
 
     def _open(self, shard: str) -> tuple[pq.ParquetFile, np.ndarray]:
-        if shard not in self._files:
-            path = self.layout.root / "buckets" / str(self.resolution) / shard
-            if not path.exists():
-                raise DataError(f"shard {path} named by the index is missing: rebuild the index")
-            file = pq.ParquetFile(path)
-            starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)])
-            self._files[shard] = (file, starts)
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        path = self.layout.root / "buckets" / str(self.resolution) / shard
+        if not path.exists():
+            raise DataError(f"shard {path} named by the index is missing: rebuild the index")
+        file = pq.ParquetFile(path)
+        starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)])
+        self._files[shard] = (file, starts)
+        if len(self._files) > OPEN_SHARDS:
+            self._files.popitem(last=False)[1][0].close()
         return self._files[shard]
 
     def _read_rows(self, shard: str, rows: list[int]) -> list[dict]:

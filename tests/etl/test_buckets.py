@@ -2,13 +2,16 @@ import io
 import random
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from etl.buckets import bucket_shard, bucket_size, encode_image
+from etl.buckets import ROW_GROUP_BYTES, bucket_shard, bucket_size, encode_image, row_group_rows, write_bucketed
 from etl.config import BucketConfig
 from etl.images import ImageRejected, to_rgb
-from etl.schema import CANONICAL
+from etl.schema import CANONICAL, conform
+from etl.storage import read_parquet
 from tests.etl.bad_images import BAD_IMAGES, MARKER, UPRIGHT_HEIGHT, UPRIGHT_WIDTH, canonical_table
 
 # What bucket_shard makes of each bad image at resolution 256 (no filter in front of it).
@@ -161,3 +164,25 @@ def test_a_mode_pillow_cannot_convert_is_a_rejection_not_a_crash():
     with pytest.raises(ImageRejected) as raised:
         to_rgb(Image.new("La", (16, 16)))  # premultiplied alpha: Pillow has no La -> RGB path
     assert raised.value.reason == "undecodable" and "La" in raised.value.detail
+
+
+def _shard_of(image_bytes: int, rows: int):
+    rng = np.random.default_rng(0)
+    return conform(pa.table({"key": [f"k{i}" for i in range(rows)], "image": [rng.bytes(image_bytes) for _ in range(rows)],
+                             "height": pa.array([256] * rows, pa.int32()), "width": pa.array([256] * rows, pa.int32()),
+                             "recaption": ["a long detailed caption of the picture " * 5] * rows}), CANONICAL)
+
+
+@pytest.mark.parametrize("image_kib, expected_rows", [(2, 128), (256, 32), (3000, 4)])
+def test_bucketed_shards_hold_about_row_group_bytes_of_images_a_row_group(tmp_path, image_kib, expected_rows):
+    """Rows a group follow the images' size within the bounds; only the images skip zstd; only the bucket
+    sizes keep statistics. The rows themselves come back unchanged."""
+    table = _shard_of(image_kib * 1024, 40)
+    assert row_group_rows(table) == expected_rows == min(max(round(ROW_GROUP_BYTES / (image_kib * 1024)), 4), 128)
+    path = write_bucketed(table, tmp_path / "00000.parquet")
+    meta = pq.ParquetFile(path).metadata
+    assert meta.row_group(0).num_rows == min(expected_rows, 40)
+    columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+    assert columns["image"].compression == "UNCOMPRESSED" and columns["recaption"].compression == "ZSTD"
+    assert [name for name, chunk in columns.items() if chunk.is_stats_set] == ["width", "height"]
+    assert read_parquet(path).equals(table)

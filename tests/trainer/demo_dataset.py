@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
-from etl.buckets import bucket_shard
+from etl.buckets import bucket_shard, write_bucketed
 from etl.config import BucketConfig
 from etl.demo_source import make_demo_source
 from etl.index import build_index
@@ -70,6 +70,6 @@ def build_demo_dataset(root: Path, n: int = 48, resolution: int = 64, seed: int 
         result = bucket_shard(rows, resolution, cfg)
         if result.rejects.num_rows:
             raise RuntimeError(f"demo images rejected by bucketing: {result.counts}")
-        shard_paths.append(write_parquet_atomic(result.kept, layout.bucketed(resolution, f"{shard_number:05d}")))
+        shard_paths.append(write_bucketed(result.kept, layout.bucketed(resolution, f"{shard_number:05d}")))
     write_parquet_atomic(build_index(shard_paths), layout.index(resolution))
     return root

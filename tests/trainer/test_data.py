@@ -149,6 +149,22 @@ def test_batches_decode_to_the_bucket_size_in_minus_one_to_one(demo_root):
     assert torch.equal(dataset[[5]]["images"][0], torch.from_numpy(pixels).permute(2, 0, 1))
 
 
+def test_open_shards_stay_bounded_and_reopen_on_demand(demo_root, monkeypatch):
+    """The per-worker cache of open shards is an LRU: rows of evicted shards still read back right."""
+    import trainer.data
+
+    monkeypatch.setattr(trainer.data, "OPEN_SHARDS", 1)
+    index = open_index(demo_root, RESOLUTION)
+    assert len(set(index["shard"].to_pylist())) == 2
+    dataset = BucketBatches(demo_root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
+    reference = BucketBatches(demo_root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
+    shards = index["shard"].to_pylist()
+    first, second = (shards.index(name) for name in sorted(set(shards)))
+    for row in [first, second, first + 1, second + 1, first]:  # alternate between the two shards
+        assert torch.equal(dataset[[row]]["images"], reference[[row]]["images"])
+        assert len(dataset._files) == 1
+
+
 def test_dataloader_workers_decode_the_same_batches(two_caption_root):
     index = open_index(two_caption_root, RESOLUTION)
     dataset = BucketBatches(two_caption_root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
