@@ -86,8 +86,8 @@ def _resume_point(cfg, resume: bool) -> Path | None:
 def _check_restart_store() -> None:
     """torchrun keeps one rendezvous TCPStore for every restart of a job, and its ranks use it without a
     per-attempt prefix: restarted ranks would read the dead ranks' addresses and hang connecting to them
-    (seen with torch 2.13 and gloo; NCCL's bootstrap reads the same keys). torch's own switch gives each
-    restart a fresh store."""
+    (seen here with torch 2.13 and gloo; pytorch issue 167288 reports the same with NCCL). torch's own
+    switch gives each restart a fresh store."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         raise RuntimeError(
