@@ -26,7 +26,8 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then  # one rank per visible GPU
     [ "$NPROC_PER_NODE" -gt 0 ] || { echo "train_node.sh: no GPU found; set NPROC_PER_NODE" >&2; exit 2; }
 fi
 # Split the node's cores between its ranks unless the caller chose (DataLoader workers add their own).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
+CORES=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES > NPROC_PER_NODE ? CORES / NPROC_PER_NODE : 1 ))}
 
 # MAX_RESTARTS > 0: torchrun restarts every rank of the job when one fails, and they continue from the
 # last checkpoint (--resume). Each restart gets a fresh rendezvous store: torch's shared one would hand

@@ -247,13 +247,13 @@ def _resume_and_compare(config: Path, run_dir: Path, reference_dir: Path) -> Non
     assert losses(run_dir) == losses(reference_dir)  # bitwise: floats compared exactly
 
 
-def _kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> None:
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 300, kill=kill_everything) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline, "the run never reached the point to kill it at"
         time.sleep(0.002)
-    kill_everything(process)
+    kill(process)
 
 
 @pytest.mark.slow
@@ -296,12 +296,7 @@ def test_torchrun_restarts_every_rank_when_one_dies_and_they_continue_exactly(re
     log = tmp_path / "node.txt"
     node = start_node(config, f"127.0.0.1:{free_port()}", log, nnodes=1, nproc=4, MAX_RESTARTS="1")
     try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "step_0000002").exists():
-            assert node.poll() is None, log.read_text()[-5000:]
-            assert time.monotonic() < deadline, "the run never wrote its first checkpoint"
-            time.sleep(0.002)
-        kill_rank(node, 2)
+        _kill_when(node, (run_dir / "step_0000002").exists, kill=lambda agent: kill_rank(agent, 2))
         assert len(read_metrics(run_dir)) < TOTAL_STEPS, "the run finished before the kill"
         assert node.wait(timeout=600) == 0, log.read_text()[-5000:]
     finally:
