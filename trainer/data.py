@@ -61,6 +61,14 @@ def open_index(root: str | Path, resolution: int) -> pa.Table:
     return index
 
 
+def shard_codes(column: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
+    """(the shard names, each row's position among them): the index's dictionary-encoded shard column."""
+    shards = column.combine_chunks()
+    if not pa.types.is_dictionary(shards.type):
+        shards = shards.dictionary_encode()
+    return shards.dictionary.to_pylist(), shards.indices.to_numpy()
+
+
 class EpochBatch(list):
     """A batch of index row numbers that knows its epoch (the caption choice depends on it)."""
 
@@ -190,15 +198,17 @@ class BucketBatches(Dataset):
         self.layout = DataLayout(Path(root))
         self.resolution = resolution
         self.detailed_caption_prob, self.seed = detailed_caption_prob, seed
-        self._shard = index["shard"].to_pylist()
+        # Columns stay Arrow/numpy buffers: a Python object per row would cost ~120 bytes a row (3 GiB at 25M
+        # rows) in the loader and again in each forked worker, whose reference counting copies the pages.
+        self._shard_names, self._shard = shard_codes(index["shard"])
         self._row = index["row"].to_numpy()
-        self._key = index["key"].to_pylist()
+        self._key = index["key"].combine_chunks()
         self._height = index["height"].to_numpy()
         self._width = index["width"].to_numpy()
         self._files: collections.OrderedDict[str, tuple[pq.ParquetFile, np.ndarray]] = collections.OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._key)
+        return len(self._row)
 
     def _open(self, shard: str) -> tuple[pq.ParquetFile, np.ndarray]:
         if shard in self._files:
@@ -231,16 +241,16 @@ class BucketBatches(Dataset):
         buckets = {(int(self._height[r]), int(self._width[r])) for r in rows}
         if len(buckets) != 1:
             raise DataError(f"a batch must come from one bucket, these rows span {sorted(buckets)}")
-        by_shard: dict[str, list[int]] = {}
+        by_shard: dict[int, list[int]] = {}
         for r in rows:
-            by_shard.setdefault(self._shard[r], []).append(r)
+            by_shard.setdefault(int(self._shard[r]), []).append(r)
         records = {}
         for shard, index_rows in by_shard.items():
-            read = self._read_rows(shard, [int(self._row[r]) for r in index_rows])
+            read = self._read_rows(self._shard_names[shard], [int(self._row[r]) for r in index_rows])
             records.update(zip(index_rows, read))
         images, captions, keys = [], [], []
         for r in rows:
-            record, key = records[r], self._key[r]
+            record, key = records[r], self._key[r].as_py()
             if record["key"] != key:
                 raise DataError(
                     f"index row {r} names key {key} but its shard row holds {record['key']}: rebuild the index"

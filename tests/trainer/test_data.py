@@ -165,6 +165,26 @@ def test_open_shards_stay_bounded_and_reopen_on_demand(demo_root, monkeypatch):
         assert len(dataset._files) == 1
 
 
+def test_rows_read_right_whatever_the_shard_column_encoding(demo_root):
+    """An index's shard names as plain strings, or in chunks with dictionaries of their own (a concatenated
+    or appended index), name the same shard rows as build_index's one dictionary."""
+    index = open_index(demo_root, RESOLUTION)
+    reference = BucketBatches(demo_root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
+    plain = index.set_column(0, "shard", index["shard"].cast(pa.string()))
+    halves = [plain.slice(0, 20), plain.slice(20)]
+    rechunked = pa.concat_tables(
+        [t.set_column(0, "shard", t["shard"].combine_chunks().dictionary_encode()) for t in reversed(halves)]
+    )
+    rechunked = pa.concat_tables([rechunked.slice(index.num_rows - 20), rechunked.slice(0, index.num_rows - 20)])
+    assert rechunked["shard"].num_chunks == 2 and rechunked["shard"].to_pylist() == index["shard"].to_pylist()
+    for variant in (plain, rechunked):
+        dataset = BucketBatches(demo_root, RESOLUTION, variant, detailed_caption_prob=0.5, seed=0)
+        for row in range(index.num_rows):
+            expected = reference[[row]]
+            item = dataset[[row]]
+            assert item["keys"] == expected["keys"] and torch.equal(item["images"], expected["images"])
+
+
 def test_dataloader_workers_decode_the_same_batches(two_caption_root):
     index = open_index(two_caption_root, RESOLUTION)
     dataset = BucketBatches(two_caption_root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
