@@ -50,6 +50,10 @@ class DataSection:
     resolution: int
     detailed_caption_prob: float = 0.5  # recaption vs recaption_short
     num_workers: int = 2  # DataLoader decode workers per loader rank
+    # rows: every epoch permutes each bucket's rows, and every image costs a read of its row group (~8 MiB).
+    # row_groups: permutes the row groups, so a batch holds a few whole groups and each is read about once
+    # an epoch (trainer.data.BucketSampler); for data that does not fit in the page cache.
+    shuffle: Literal["rows", "row_groups"] = "rows"
 
     def __post_init__(self):
         if self.resolution < PATCH_MULTIPLE or self.resolution % PATCH_MULTIPLE:

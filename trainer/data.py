@@ -31,6 +31,7 @@ SHARD_COLUMNS = ["key", "image", "caption", "recaption", "recaption_short"]
 # costs a footer parse, ~7 us per row group.
 OPEN_SHARDS = 128
 _WHITESPACE = re.compile(r"\s+")
+SHUFFLES = ("rows", "row_groups")
 
 
 class DataError(ValueError):
@@ -80,32 +81,44 @@ class EpochBatch(list):
 class BucketSampler:
     """Infinite batches of index rows, one bucket per batch; ``num_replicas`` loaders split each epoch.
 
+    ``shuffle="rows"`` permutes each bucket's rows; ``"row_groups"`` permutes the parquet row groups of each
+    bucket and takes their rows in that order, so a batch holds a few whole groups and each group is read
+    about once an epoch (up to twice: a batch boundary can cut a group), instead of once per image. The
+    rows of a group then share a batch in every epoch; ``etl.buckets.bucket_order`` made each group a
+    random pick of its shard's bucket.
+
     Iterating does not move the state: the caller calls ``advance()`` for each batch it actually used,
     so ``state_dict()`` never counts batches that were prefetched but not trained on.
     """
 
-    def __init__(self, index: pa.Table, batch_size: int, seed: int, rank_offset: int = 0, num_replicas: int = 1):
+    def __init__(self, index: pa.Table, batch_size: int, seed: int, rank_offset: int = 0, num_replicas: int = 1,
+                 shuffle: str = "rows"):
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
         if not 0 <= rank_offset < num_replicas:
             raise DataError(f"rank_offset {rank_offset} must be in [0, num_replicas={num_replicas})")
-        self.batch_size, self.seed = batch_size, seed
+        if shuffle not in SHUFFLES:
+            raise DataError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank_offset, self.num_replicas = rank_offset, num_replicas
         heights = index["height"].to_numpy().astype(np.int64)
         widths = index["width"].to_numpy().astype(np.int64)
         buckets, inverse, counts = np.unique(heights << 32 | widths, return_inverse=True, return_counts=True)
-        order = np.argsort(inverse, kind="stable")
+        order = np.argsort(inverse, kind="stable").astype(np.int32 if len(inverse) < 2**31 else np.int64)
         rows_of = np.split(order, np.cumsum(counts)[:-1])
         names = [f"{b >> 32}x{b & 0xFFFFFFFF}" for b in buckets.tolist()]
         self.dropped_buckets = {name: int(n) for name, n in zip(names, counts) if n < batch_size}
-        self._buckets = [rows for rows, n in zip(rows_of, counts) if n >= batch_size]
-        if not self._buckets:
+        kept = [rows for rows, n in zip(rows_of, counts) if n >= batch_size]
+        if not kept:
             largest = max(zip(counts, names))
             raise DataError(
                 f"batch of {batch_size} is larger than every bucket (largest: {largest[1]} with {largest[0]} rows): "
                 f"lower train.batch_size or use more data"
             )
-        self.batches_per_epoch = sum(len(r) // batch_size for r in self._buckets) // num_replicas
+        # Per kept bucket: its rows, and where each of its row groups starts among them ("rows": one group).
+        self._buckets = [_by_row_group(index, rows) if shuffle == "row_groups" else (rows, np.zeros(1, np.int64))
+                         for rows in kept]
+        self.batches_per_epoch = sum(len(r) // batch_size for r in kept) // num_replicas
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"{num_replicas} loaders cannot each get a batch of {batch_size} per epoch: too little data"
@@ -119,9 +132,14 @@ class BucketSampler:
             return self._cached_epoch[1]
         rng = np.random.default_rng([self.seed, epoch])
         chunks = []
-        for rows in self._buckets:
+        for rows, group_starts in self._buckets:
             full = len(rows) // self.batch_size * self.batch_size
-            chunks.append(rng.permutation(rows)[:full].reshape(-1, self.batch_size))
+            if self.shuffle == "rows":
+                chunks.append(rng.permutation(rows)[:full].reshape(-1, self.batch_size))
+            else:
+                taken = rows[_permute_runs(group_starts, len(rows), rng)][:full].reshape(-1, self.batch_size)
+                # Within a batch, the groups are mixed: each model rank's part holds rows of several groups.
+                chunks.append(rng.permuted(taken, axis=1))
         batches = np.concatenate(chunks)[rng.permutation(sum(len(c) for c in chunks))]
         mine = batches[self.rank_offset :: self.num_replicas][: self.batches_per_epoch]
         self._cached_epoch = (epoch, mine)
@@ -139,18 +157,41 @@ class BucketSampler:
         position = self.epoch * self.batches_per_epoch + self.batches_used + batches
         self.epoch, self.batches_used = divmod(position, self.batches_per_epoch)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | str]:
         return {"epoch": self.epoch, "batches_used": self.batches_used, "seed": self.seed,
-                "batches_per_epoch": self.batches_per_epoch}
+                "batches_per_epoch": self.batches_per_epoch, "shuffle": self.shuffle}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if (state["seed"], state["batches_per_epoch"]) != (self.seed, self.batches_per_epoch):
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        saved = (state["seed"], state["batches_per_epoch"], state.get("shuffle", "rows"))  # older states: rows
+        if saved != (self.seed, self.batches_per_epoch, self.shuffle):
             raise DataError(
-                f"sampler state was saved with seed {state['seed']} and {state['batches_per_epoch']} batches per "
-                f"epoch, this sampler has seed {self.seed} and {self.batches_per_epoch}: the data, batch size, "
-                f"topology or seed changed, so resuming mid-epoch is impossible"
+                f"sampler state was saved with seed {saved[0]}, {saved[1]} batches per epoch and shuffle {saved[2]}, "
+                f"this sampler has seed {self.seed}, {self.batches_per_epoch} and {self.shuffle}: the data, batch "
+                f"size, topology, seed or shuffle changed, so resuming mid-epoch is impossible"
             )
         self.epoch, self.batches_used = int(state["epoch"]), int(state["batches_used"])
+
+
+def _by_row_group(index: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` ordered by (shard, row group), and the position where each group starts among them."""
+    if "row_group" not in index.column_names:
+        raise DataError("the index has no row_group column (it was built before the column existed): "
+                        "rebuild it (materialize bucket_index) or use data.shuffle=rows")
+    _, shards = shard_codes(index["shard"])
+    groups = index["row_group"].to_numpy()
+    key = shards[rows].astype(np.int64) << 32 | groups[rows]
+    ordered = np.argsort(key, kind="stable")
+    key = key[ordered]
+    return rows[ordered], np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+
+
+def _permute_runs(starts: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions 0..total-1 with the runs beginning at ``starts`` put in a random order, each run kept whole."""
+    lengths = np.diff(np.r_[starts, total])
+    pick = rng.permutation(len(starts))
+    lengths, first = lengths[pick], starts[pick]
+    run_start = np.cumsum(lengths) - lengths
+    return np.arange(total) - np.repeat(run_start - first, lengths)
 
 
 def clean_caption(text: str) -> str:

@@ -52,7 +52,7 @@ class Feeder:
         self.cfg, self.num_chunks = cfg, num_chunks
         self.chunk_size = cfg.train.batch_size
         self.sampler = BucketSampler(index, self.chunk_size * num_chunks, cfg.train.seed, rank_offset=replica,
-                                     num_replicas=num_replicas)
+                                     num_replicas=num_replicas, shuffle=cfg.data.shuffle)
         for size, count in self.sampler.dropped_buckets.items():
             log.warning("bucket %s has %d images, fewer than a batch of %d: dropped", size, count, self.chunk_size * num_chunks)
         self.encoders = Encoders(cfg.encoders, device=device)

@@ -70,7 +70,7 @@ def _check_batches_fit(cfg, topology: Topology, index) -> None:
         sizes = {cfg.train.batch_size * len(topology.models_of(loader)) for loader in topology.loader_ranks}
         replicas = len(topology.loader_ranks)
     for batch_size in sorted(sizes):
-        BucketSampler(index, batch_size, cfg.train.seed, 0, replicas)
+        BucketSampler(index, batch_size, cfg.train.seed, 0, replicas, shuffle=cfg.data.shuffle)
 
 
 def _resume_point(cfg, resume: bool) -> Path | None:

@@ -32,7 +32,7 @@ def shards(tmp_path):
 
 def test_index_is_complete_sorted_and_points_at_the_right_rows(shards):
     index = build_index(shards)
-    assert index.column_names == ["shard", "row", "key", "height", "width"]
+    assert index.column_names == ["shard", "row", "row_group", "key", "height", "width"]
     assert index.num_rows == 125
     rows = index.to_pylist()
     assert rows == sorted(rows, key=lambda r: (r["height"], r["width"], r["shard"], r["row"]))
@@ -41,6 +41,17 @@ def test_index_is_complete_sorted_and_points_at_the_right_rows(shards):
     for r in rows:
         source = by_name[r["shard"]][r["row"]]
         assert (r["key"], r["height"], r["width"]) == (source["key"], source["height"], source["width"])
+
+
+def test_index_names_the_row_group_of_every_row(tmp_path):
+    source = read_parquet(_shard(tmp_path, "source", 70, 5))
+    path = write_parquet_atomic(source, tmp_path / "grouped.parquet", row_group_size=16)
+    file = pq.ParquetFile(path)
+    assert file.num_row_groups == 5
+    index = build_index([path])
+    assert sorted(set(index["row_group"].to_pylist())) == [0, 1, 2, 3, 4]
+    for r in index.to_pylist():
+        assert file.read_row_group(r["row_group"], columns=["key"])["key"][r["row"] % 16].as_py() == r["key"]
 
 
 def test_index_reads_only_key_height_width(shards):
@@ -91,8 +102,8 @@ def test_dataset_version_follows_content_only(shards, tmp_path):
     assert dataset_version(build_index(list(reversed(shards)))) == version
     rechunked = pa.concat_tables([index.slice(0, 7), index.slice(7)])
     assert dataset_version(rechunked) == version
-    resized = index.set_column(3, "height", pa.array([h + 16 if i == 0 else h for i, h in enumerate(index["height"].to_pylist())], pa.int32()))
+    resized = index.set_column(index.schema.get_field_index("height"), "height", pa.array([h + 16 if i == 0 else h for i, h in enumerate(index["height"].to_pylist())], pa.int32()))
     assert dataset_version(resized) != version
-    renamed = index.set_column(2, "key", pa.array(["z" + k for k in index["key"].to_pylist()]))
+    renamed = index.set_column(index.schema.get_field_index("key"), "key", pa.array(["z" + k for k in index["key"].to_pylist()]))
     assert dataset_version(renamed) != version
     assert dataset_version(index.slice(1)) != version

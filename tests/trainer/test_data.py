@@ -38,13 +38,25 @@ def two_caption_root(demo_root, tmp_path_factory):
     return root
 
 
-def synthetic_index(sizes: dict[tuple[int, int], int]) -> pa.Table:
-    """An index with ``sizes[(h, w)]`` rows per bucket, sorted by bucket as build_index writes it."""
+GROUP_ROWS = 7
+
+
+def synthetic_index(sizes: dict[tuple[int, int], int], shard_rows: int = 200) -> pa.Table:
+    """An index with ``sizes[(h, w)]`` rows per bucket, sorted by bucket as build_index writes it, over
+    shards of ``shard_rows`` rows in row groups of GROUP_ROWS, every bucket spread over every shard."""
     rows = [(h, w) for (h, w), n in sorted(sizes.items()) for _ in range(n)]
-    records = [
-        {"shard": "00000.parquet", "row": i, "key": f"k{i}", "height": h, "width": w} for i, (h, w) in enumerate(rows)
-    ]
+    shards = -(-len(rows) // shard_rows)
+    records = []
+    for i, (h, w) in enumerate(rows):
+        shard, row = i % shards, i // shards
+        records.append({"shard": f"{shard:05d}.parquet", "row": row, "row_group": row // GROUP_ROWS,
+                        "key": f"k{i}", "height": h, "width": w})
     return pa.Table.from_pylist(records, schema=INDEX)
+
+
+def row_groups_of(index: pa.Table, rows) -> set[tuple[str, int]]:
+    shard, group = index["shard"].to_pylist(), index["row_group"].to_pylist()
+    return {(shard[r], group[r]) for r in rows}
 
 
 def take(sampler, n):
@@ -55,9 +67,10 @@ def take(sampler, n):
 SIZES = {(64, 64): 600, (64, 32): 300, (32, 64): 100, (48, 64): 9}
 
 
-def test_each_batch_comes_from_one_bucket_drawn_in_proportion_and_small_buckets_are_dropped():
+@pytest.mark.parametrize("shuffle", ["rows", "row_groups"])
+def test_each_batch_comes_from_one_bucket_drawn_in_proportion_and_small_buckets_are_dropped(shuffle):
     index = synthetic_index(SIZES)
-    sampler = BucketSampler(index, batch_size=10, seed=0)
+    sampler = BucketSampler(index, batch_size=10, seed=0, shuffle=shuffle)
     assert sampler.dropped_buckets == {"48x64": 9}
     assert sampler.batches_per_epoch == 100
     heights, widths = index["height"].to_numpy(), index["width"].to_numpy()
@@ -72,20 +85,22 @@ def test_each_batch_comes_from_one_bucket_drawn_in_proportion_and_small_buckets_
     assert len(set(used)) == len(used) == 1000  # an epoch uses every row of the kept buckets once
 
 
-def test_order_is_deterministic_from_the_seed_and_reshuffled_per_epoch():
+@pytest.mark.parametrize("shuffle", ["rows", "row_groups"])
+def test_order_is_deterministic_from_the_seed_and_reshuffled_per_epoch(shuffle):
     index = synthetic_index(SIZES)
-    first = take(BucketSampler(index, 10, seed=3), 200)
-    assert first == take(BucketSampler(index, 10, seed=3), 200)
-    assert first != take(BucketSampler(index, 10, seed=4), 200)
+    first = take(BucketSampler(index, 10, seed=3, shuffle=shuffle), 200)
+    assert first == take(BucketSampler(index, 10, seed=3, shuffle=shuffle), 200)
+    assert first != take(BucketSampler(index, 10, seed=4, shuffle=shuffle), 200)
     assert first[100].epoch == 1
     assert first[:100] != first[100:]
     assert sorted(map(sorted, first[:100])) != sorted(map(sorted, first[100:]))  # new batches, not just a new order
 
 
-def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run():
+@pytest.mark.parametrize("shuffle", ["rows", "row_groups"])
+def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run(shuffle):
     index = synthetic_index(SIZES)
-    uninterrupted = take(BucketSampler(index, 10, seed=7), 250)
-    sampler = BucketSampler(index, 10, seed=7)
+    uninterrupted = take(BucketSampler(index, 10, seed=7, shuffle=shuffle), 250)
+    sampler = BucketSampler(index, 10, seed=7, shuffle=shuffle)
     iterator = iter(sampler)
     for _ in range(137):  # across an epoch boundary; prefetched batches beyond these are not counted
         next(iterator)
@@ -93,22 +108,61 @@ def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run():
     next(iterator), next(iterator)
     state = sampler.state_dict()
     assert state["epoch"] == 1 and state["batches_used"] == 37
-    assert all(isinstance(v, int) for v in state.values())  # saves with torch.save, loads with weights_only
-    resumed = BucketSampler(index, 10, seed=7)
+    assert all(isinstance(v, (int, str)) for v in state.values())  # saves with torch.save, loads with weights_only
+    resumed = BucketSampler(index, 10, seed=7, shuffle=shuffle)
     resumed.load_state_dict(state)
     assert take(resumed, 113) == uninterrupted[137:]
-    with pytest.raises(DataError, match="batch size, topology or seed changed"):
-        BucketSampler(index, 20, seed=7).load_state_dict(state)
+    with pytest.raises(DataError, match="batch size, topology, seed or shuffle changed"):
+        BucketSampler(index, 20, seed=7, shuffle=shuffle).load_state_dict(state)
+    other = "rows" if shuffle == "row_groups" else "row_groups"
+    with pytest.raises(DataError, match=f"shuffle {shuffle}, this sampler .* and {other}"):
+        BucketSampler(index, 10, seed=7, shuffle=other).load_state_dict(state)
 
 
-def test_replicas_split_each_epoch():
+@pytest.mark.parametrize("shuffle", ["rows", "row_groups"])
+def test_replicas_split_each_epoch(shuffle):
     index = synthetic_index(SIZES)
-    a = take(BucketSampler(index, 10, seed=1, rank_offset=0, num_replicas=2), 50)
-    b = take(BucketSampler(index, 10, seed=1, rank_offset=1, num_replicas=2), 50)
+    a = take(BucketSampler(index, 10, seed=1, rank_offset=0, num_replicas=2, shuffle=shuffle), 50)
+    b = take(BucketSampler(index, 10, seed=1, rank_offset=1, num_replicas=2, shuffle=shuffle), 50)
     rows_a, rows_b = {r for x in a for r in x}, {r for x in b for r in x}
     assert len(rows_a) == len(rows_b) == 500 and not rows_a & rows_b
     with pytest.raises(DataError, match="rank_offset 2"):
         BucketSampler(index, 10, seed=1, rank_offset=2, num_replicas=2)
+
+
+def test_row_group_shuffle_reads_each_group_about_once_an_epoch():
+    """Per epoch, "rows" touches most groups once per image in them; "row_groups" puts a group's rows of
+    one bucket in at most two batches (a batch boundary cuts it), a batch holds a few whole groups, and the
+    batches (not just their order) change from epoch to epoch."""
+    index = synthetic_index({(64, 64): 1400, (64, 32): 700}, shard_rows=350)
+    widths = index["width"].to_numpy()  # tells the two buckets apart
+    batch = 20
+    reads = {}
+    for shuffle in ("rows", "row_groups"):
+        sampler = BucketSampler(index, batch, seed=5, shuffle=shuffle)
+        epochs = take(sampler, 2 * sampler.batches_per_epoch)
+        first = epochs[: sampler.batches_per_epoch]
+        batches_of_group = Counter((g, widths[rows[0]]) for rows in first for g in row_groups_of(index, rows))
+        reads[shuffle] = sum(batches_of_group.values())
+        if shuffle == "row_groups":
+            assert max(batches_of_group.values()) <= 2
+            # whole groups of 7, but the group that holds a shard's bucket boundary is shared by two buckets
+            assert np.mean([len(row_groups_of(index, rows)) for rows in first]) <= batch / GROUP_ROWS + 1
+            assert all(rows != sorted(rows) for rows in first[:5])  # the groups are mixed within a batch
+            second = epochs[sampler.batches_per_epoch :]
+            assert {frozenset(r) for r in first} != {frozenset(r) for r in second}
+    groups = len({(g, widths[r]) for r in range(index.num_rows) for g in row_groups_of(index, [r])})
+    assert reads["row_groups"] <= groups + 105  # each group (per bucket) once, plus at most one cut per batch
+    assert reads["rows"] > 3 * reads["row_groups"]
+
+
+def test_row_group_shuffle_needs_an_index_that_names_the_groups():
+    index = synthetic_index(SIZES).drop_columns(["row_group"])
+    assert BucketSampler(index, 10, seed=0).batches_per_epoch == 100
+    with pytest.raises(DataError, match="no row_group column.*rebuild it.*data.shuffle=rows"):
+        BucketSampler(index, 10, seed=0, shuffle="row_groups")
+    with pytest.raises(DataError, match="shuffle must be one of"):
+        BucketSampler(synthetic_index(SIZES), 10, seed=0, shuffle="files")
 
 
 def test_batch_larger_than_every_bucket_is_a_clear_error():

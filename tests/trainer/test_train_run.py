@@ -165,9 +165,11 @@ def test_four_process_run_checkpoints_identical_model_ranks(reference_run):
 
 def test_two_loaders_each_feed_their_own_model_ranks_as_in_the_reference_map(data_root, tmp_path):
     """The reference's shape of map (loaders 0 and 1 first, model ranks after) at 6 processes: four model
-    ranks train one DDP model, each loader draws its own share of every epoch for its two."""
+    ranks train one DDP model, each loader draws its own share of every epoch for its two, here in the
+    row_groups shuffle."""
     run_dir = tmp_path / "run"
     config = base_config(data_root, run_dir)
+    config["data"]["shuffle"] = "row_groups"
     config["topology"] = {"loader_to_model": {0: [2, 3], 1: [4, 5]}, "prefetch": 2, "timeout_s": 30}
     config["train"]["total_steps"] = config["checkpoint"]["every"] = 4
     result = run(torchrun_command(6, write_config(tmp_path / "train.yaml", config)))
@@ -178,6 +180,7 @@ def test_two_loaders_each_feed_their_own_model_ranks_as_in_the_reference_map(dat
     assert [load_rank_state(step_dir, rank)["weights_sha256"] for rank in (2, 3, 4, 5)] == [saved] * 4
     loaders = [load_rank_state(step_dir, rank) for rank in (0, 1)]
     assert all(state["role"] == "loader" and state["feeder"]["batches"] == 4 for state in loaders)
+    assert all(state["feeder"]["sampler"]["shuffle"] == "row_groups" for state in loaders)
     # each loader's epoch is its half of the 4-image batches (2 model ranks x 2 images) of the whole index
     whole = BucketSampler(open_index(data_root, 64), 4, seed=0).batches_per_epoch
     assert [state["feeder"]["sampler"]["batches_per_epoch"] for state in loaders] == [whole // 2] * 2
