@@ -217,19 +217,25 @@ def pick_caption(row: dict, detailed: bool) -> str:
 
 
 def decode_image(data: bytes, height: int, width: int, key: str) -> torch.Tensor:
-    """(3, height, width) float32 in [-1, 1]; a wrong size means the index and the shards disagree."""
+    """(3, height, width) uint8 RGB; a wrong size means the index and the shards disagree."""
     with Image.open(io.BytesIO(data)) as img:
         rgb = img.convert("RGB")
     if rgb.size != (width, height):
         raise DataError(
             f"image {key} is {rgb.width}x{rgb.height} (w x h) but the index says {width}x{height}: rebuild the index"
         )
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
-    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1]. Batches stay uint8 until they reach the encoders' device: the
+    worker-to-loader handoff (shared memory) and the host-to-GPU copy move a quarter of the bytes, and the
+    conversion runs there instead of in the decode workers."""
+    return pixels.float().div(127.5).sub(1.0)
 
 
 class BucketBatches(Dataset):
-    """item: a list of index rows (one bucket) -> {"images": (B, 3, H, W) in [-1, 1], "captions", "keys"}.
+    """item: a list of index rows (one bucket) -> {"images": (B, 3, H, W) uint8, "captions", "keys"}.
 
     Shard files open lazily in each DataLoader worker; the OPEN_SHARDS last used stay open (each keeps its
     parsed footer). A shard is read one row group at a time: ``etl.buckets.write_bucketed`` keeps them small.

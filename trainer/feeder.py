@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainer.config import TrainConfig
-from trainer.data import BucketBatches, BucketSampler
+from trainer.data import BucketBatches, BucketSampler, to_unit_range
 from trainer.encoders import Encoders
 from trainer.prefetch import Prefetcher
 from trainer.transport import send_batch, send_end, send_error
@@ -49,7 +49,7 @@ class Feeder:
         """``num_chunks`` model ranks share each batch; feeder ``replica`` of ``num_replicas`` (loaders, or
         colocated ranks) draws its own share of each epoch; ``state`` is this feeder's part of a
         checkpoint (``snapshot``) to continue from."""
-        self.cfg, self.num_chunks = cfg, num_chunks
+        self.cfg, self.num_chunks, self.device = cfg, num_chunks, device
         self.chunk_size = cfg.train.batch_size
         self.sampler = BucketSampler(index, self.chunk_size * num_chunks, cfg.train.seed, rank_offset=replica,
                                      num_replicas=num_replicas, shuffle=cfg.data.shuffle)
@@ -70,13 +70,15 @@ class Feeder:
 
     def _loader(self) -> DataLoader:
         # batch_size=None: the sampler yields whole batches of index rows and the dataset decodes one
-        # batch per item, so a batch never mixes buckets.
+        # batch per item, so a batch never mixes buckets. Pinned batches copy to the GPU asynchronously.
         return DataLoader(self.dataset, sampler=self.sampler, batch_size=None, num_workers=self.cfg.data.num_workers,
-                          persistent_workers=False, prefetch_factor=2 if self.cfg.data.num_workers else None)
+                          persistent_workers=False, prefetch_factor=2 if self.cfg.data.num_workers else None,
+                          pin_memory=self.device.type == "cuda")
 
     @torch.no_grad()
     def encode(self, item: dict) -> dict[str, torch.Tensor]:
-        latents = self.encoders.encode_images(item["images"], generator=self.generator)
+        images = to_unit_range(item["images"].to(self.device, non_blocking=True))
+        latents = self.encoders.encode_images(images, generator=self.generator)
         text, pooled = self.encoders.encode_text(item["captions"])
         # Sent in the encoders' dtype (bf16 halves the bytes on GPU); model ranks compute the loss in fp32.
         return {"latents": latents, "text": text, "pooled": pooled}

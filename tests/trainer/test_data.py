@@ -13,7 +13,8 @@ from etl.index import INDEX
 from etl.layout import DataLayout
 from etl.storage import read_parquet, write_parquet_atomic
 from tests.trainer.demo_dataset import build_demo_dataset
-from trainer.data import BucketBatches, BucketSampler, DataError, EpochBatch, clean_caption, open_index, pick_caption
+from trainer.data import (BucketBatches, BucketSampler, DataError, EpochBatch, clean_caption, open_index, pick_caption,
+                          to_unit_range)
 
 RESOLUTION = 64
 
@@ -185,22 +186,24 @@ def test_open_index_errors_say_what_is_missing(demo_root, tmp_path):
         open_index(root, 128)
 
 
-def test_batches_decode_to_the_bucket_size_in_minus_one_to_one(demo_root):
+def test_batches_decode_to_uint8_pixels_of_the_bucket_size(demo_root):
     index = open_index(demo_root, RESOLUTION)
     dataset = BucketBatches(demo_root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
     sampler = BucketSampler(index, batch_size=4, seed=0)
     for batch in take(sampler, 8):
         item = dataset[batch]
         h, w = index["height"][batch[0]].as_py(), index["width"][batch[0]].as_py()
-        assert item["images"].shape == (4, 3, h, w) and item["images"].dtype == torch.float32
-        assert item["images"].min() >= -1 and item["images"].max() <= 1
+        assert item["images"].shape == (4, 3, h, w) and item["images"].dtype == torch.uint8
         assert item["keys"] == [index["key"][r].as_py() for r in batch]
         assert all(c.startswith("a ") and c.endswith("background") for c in item["captions"])
     # one image checked pixel for pixel against its stored bytes
     row = index.slice(5, 1).to_pylist()[0]
     stored = read_parquet(demo_root / "buckets" / str(RESOLUTION) / row["shard"]).slice(row["row"], 1).to_pylist()[0]
-    pixels = np.asarray(Image.open(io.BytesIO(stored["image"])).convert("RGB"), dtype=np.float32) / 127.5 - 1
-    assert torch.equal(dataset[[5]]["images"][0], torch.from_numpy(pixels).permute(2, 0, 1))
+    pixels = torch.from_numpy(np.array(Image.open(io.BytesIO(stored["image"])).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(dataset[[5]]["images"][0], pixels)
+    unit = to_unit_range(pixels)
+    assert unit.dtype == torch.float32 and unit.min() >= -1 and unit.max() <= 1
+    assert torch.equal(to_unit_range(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
 
 
 def test_open_shards_stay_bounded_and_reopen_on_demand(demo_root, monkeypatch):
