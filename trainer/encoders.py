@@ -50,6 +50,8 @@ class EncodersConfig:
     clip: str | None = None
     text_len: int | None = None  # tokens per sequence encoder
     text_dim: int | None = None  # common width; narrower encoders are zero-padded to it
+    # Captions are encoded grouped by length, in chunks of at most this many tokens (rows x padded length)
+    text_batch_tokens: int = 8192
     latents: Literal["sample", "mode"] = "sample"  # draw from the VAE posterior, or take its mean
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
@@ -66,6 +68,8 @@ class EncodersConfig:
                 setattr(self, name, base[name])
         if self.text_len < 1 or self.text_dim < 1:
             raise ConfigError("encoders: text_len and text_dim must be positive")
+        if self.text_batch_tokens < 1:
+            raise ConfigError(f"encoders.text_batch_tokens: must be positive, got {self.text_batch_tokens}")
 
     def to_config_dict(self) -> dict:
         return to_mapping(self)
@@ -215,6 +219,24 @@ def load_text_encoder(name: str, config: EncodersConfig, dtype: torch.dtype = to
     return tokenizer, model
 
 
+# Captions whose token counts round up to the same multiple of this run together (at most this many
+# padding tokens a caption): few chunks, so each forward stays a large batch.
+LENGTH_STEP = 16
+
+
+def _length_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Positions grouped by length rounded up to LENGTH_STEP, each group sorted by length and cut into
+    chunks of at most ``budget`` tokens (rows x the group's rounded length; at least one row)."""
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        groups.setdefault(-(-lengths[i] // LENGTH_STEP), []).append(i)
+    chunks = []
+    for steps, members in sorted(groups.items()):
+        rows = max(1, budget // (steps * LENGTH_STEP))
+        chunks += [members[j : j + rows] for j in range(0, len(members), rows)]
+    return chunks
+
+
 def _frozen(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return module.to(device).eval().requires_grad_(False)
 
@@ -285,26 +307,44 @@ class Encoders:
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """captions -> (text (B, 2 * text_len, text_dim), pooled (B, pooled_dim))."""
+        """captions -> (text (B, 2 * text_len, text_dim), pooled (B, pooled_dim)), in the captions' order.
+
+        The captions run grouped by token count (``LENGTH_STEP``), in chunks of at most ``text_batch_tokens``
+        tokens, each padded to its own longest caption instead of every caption to text_len: a loader batch mixes detailed
+        captions (often cut at text_len) with short ones of a sentence, and the short ones then cost their
+        own length (benchmarks/text_encode.py). The results are those of one batch padded to text_len up to
+        float rounding: padding is masked (right padding; causal encoders never look ahead of a token)."""
         if isinstance(captions, str):
             raise TypeError("encode_text takes a list of captions, not one string")
         self._text_models_to(self.device)
-        text = torch.cat([self._sequence("gemma", captions), self._sequence("bert", captions)], dim=1)
-        clip_tokens = self._tokenize("clip", captions, self.text_models["clip"].config.max_position_embeddings)
-        pooled = self.text_models["clip"](**clip_tokens).text_embeds
+        text = torch.zeros(len(captions), 2 * self.config.text_len, self.config.text_dim, device=self.device,
+                           dtype=self.dtype)
+        pooled = torch.zeros(len(captions), self.pooled_dim, device=self.device, dtype=self.dtype)
+        if not captions:
+            return text, pooled
+        lengths = {"gemma": self.config.text_len, "bert": self.config.text_len,
+                   "clip": self.text_models["clip"].config.max_position_embeddings}
+        ids = {name: self.tokenizers[name](list(captions), truncation=True, max_length=lengths[name])["input_ids"]
+               for name in TEXT_ENCODERS}
+        longest = [max(len(ids[name][i]) for name in TEXT_ENCODERS) for i in range(len(captions))]
+        for chunk in _length_chunks(longest, self.config.text_batch_tokens):
+            rows = torch.tensor(chunk, device=self.device)
+            for block, name in enumerate(("gemma", "bert")):
+                hidden = self._sequence(name, [ids[name][i] for i in chunk])
+                start = block * self.config.text_len
+                text[rows, start : start + hidden.shape[1], : hidden.shape[2]] = hidden
+            pooled[rows] = self.text_models["clip"](**self._pad("clip", [ids["clip"][i] for i in chunk])).text_embeds
         return text, pooled
 
-    def _tokenize(self, name: str, captions: list[str], max_length: int):
-        tokens = self.tokenizers[name](
-            list(captions), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
+    def _pad(self, name: str, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizers[name].pad({"input_ids": ids}, padding="longest", return_tensors="pt")
         return {"input_ids": tokens["input_ids"].to(self.device), "attention_mask": tokens["attention_mask"].to(self.device)}
 
-    def _sequence(self, name: str, captions: list[str]) -> torch.Tensor:
-        tokens = self._tokenize(name, captions, self.config.text_len)
+    def _sequence(self, name: str, ids: list[list[int]]) -> torch.Tensor:
+        """(b, longest, width) last hidden states, padding rows zeroed."""
+        tokens = self._pad(name, ids)
         hidden = self.text_models[name](**tokens).last_hidden_state
-        hidden = hidden * tokens["attention_mask"][..., None].to(hidden.dtype)
-        return F.pad(hidden, (0, self.config.text_dim - hidden.shape[-1]))
+        return hidden * tokens["attention_mask"][..., None].to(hidden.dtype)
 
     def free_text_encoders(self) -> None:
         """Offload the text encoders to CPU so sampling memory is the model and the VAE decoder;

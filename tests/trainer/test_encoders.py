@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from benchmarks.text_encode import padded_to_text_len
 from etl.config import ConfigError, from_mapping
 from trainer import encoders as encoders_module
 from trainer.encoders import Encoders, EncodersConfig, build_tiny_text_encoder, build_tiny_vae, register_preset
@@ -57,6 +58,29 @@ def test_encode_text_of_a_caption_does_not_depend_on_its_batch(tiny):
     torch.testing.assert_close(alone_text[0], text[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(alone_pooled[0], pooled[1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(text[0], text[1])
+
+
+@torch.no_grad()
+def test_captions_encoded_in_length_sorted_chunks_equal_one_batch_padded_to_text_len():
+    """Detailed captions cut at text_len mixed with short ones, in chunks of one length group and at most
+    120 tokens: the same rows, in the captions' order, as one batch of 77-token rows."""
+    chunked = Encoders(EncodersConfig(preset="tiny", text_batch_tokens=120))
+    long = "a detailed caption of a red circle and a blue square on a white background " * 8
+    captions = [long, "a blue square", CAPTIONS[2], long.upper(), "a", *CAPTIONS, "red " * 30]
+    lengths = [max(len(chunked.tokenizers[n](c, truncation=True, max_length=77).input_ids) for n in ("gemma", "bert", "clip"))
+               for c in captions]
+    assert max(lengths) == 77 and min(lengths) <= 3
+    chunks = encoders_module._length_chunks(lengths, 120)
+    assert sorted(i for c in chunks for i in c) == list(range(len(captions))) and len(chunks) >= 3
+    step = encoders_module.LENGTH_STEP
+    for chunk in chunks:
+        rounded = {-(-lengths[i] // step) * step for i in chunk}
+        assert len(rounded) == 1 and (len(chunk) == 1 or len(chunk) * rounded.pop() <= 120)
+    text, pooled = chunked.encode_text(captions)
+    expected_text, expected_pooled = padded_to_text_len(chunked, captions)
+    torch.testing.assert_close(text, expected_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, expected_pooled, atol=1e-5, rtol=1e-5)
+    assert chunked.encode_text([])[0].shape == (0, 154, 64)
 
 
 def test_free_text_encoders_offloads_and_encoding_still_works(tiny):
