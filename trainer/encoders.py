@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from transformers import (
     AutoModel,
