@@ -1,13 +1,17 @@
 """Bytes a loader rank sends per sample: shapes-first transport vs the reference's padding to max resolution.
 
 The reference sent every latent as (16, R/8, R/8), filling the part outside the image with inf, so that
-the receiver never needed the shape. trainer/transport.py sends a 184-byte header with the shapes, then
-each tensor at its real size. Both are measured on real tensors built for every bucket of a realistic
-histogram: image sizes drawn from common photo aspect ratios (1:2 .. 2:1, most of them 4:3, 1:1, 3:2)
-and log-normal long sides (median --median-long-side px, as web images), bucketed by etl.buckets.
-Text (2 x 77 tokens x 2304) and pooled (768) embeddings travel the same way in both, so they are
-counted in the totals. With --transfer-batches N two gloo processes also time N real sends of one batch
-of the most common bucket both ways (loopback TCP).
+the receiver never needed the shape, and its text as 2 x 77 rows x 2304 whatever the captions.
+trainer/transport.py sends a header with the shapes, then each tensor at its real size, the text
+without its zero rows and columns (``pack_batch``). Both are measured on real tensors built for every
+bucket of a realistic histogram: image sizes drawn from common photo aspect ratios (1:2 .. 2:1, most of
+them 4:3, 1:1, 3:2) and log-normal long sides (median --median-long-side px, as web images), bucketed by
+etl.buckets. The text is laid out as ``Encoders.encode_text`` lays it out: Gemma's 2304-wide rows then
+ModernBERT-large's 1024-wide ones zero-padded to 2304, rows past a caption's token count zero, for a
+loader batch of half detailed (cut at 77 tokens) and half short captions
+(``benchmarks.text_encode.loader_captions``, counted by the project tokenizer). The pooled (768)
+embedding travels alike in both. With --transfer-batches N two gloo processes also time N real sends of
+one batch of the most common bucket both ways (loopback TCP).
 
     .venv/bin/python benchmarks/transport_bytes.py                       # bytes, under a minute
     .venv/bin/python benchmarks/transport_bytes.py --samples 200000 --transfer-batches 20
@@ -17,24 +21,30 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from collections import Counter
 from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.text_encode import loader_captions
 from etl.buckets import bucket_size
-from trainer.transport import HEADER_LEN, recv_batch, send_batch
+from trainer.tokenizer import build_tokenizer
+from trainer.transport import HEADER_LEN, pack_batch, recv_batch, send_batch
 
 # Share of web photos per aspect ratio (width:height); the rest of the range comes from the jitter.
 ASPECTS = {(1, 1): 0.22, (4, 3): 0.24, (3, 4): 0.10, (3, 2): 0.16, (2, 3): 0.07, (16, 9): 0.10,
            (9, 16): 0.03, (2, 1): 0.05, (1, 2): 0.03}
 BATCH_SIZE = {256: 140, 512: 40, 1024: 15}  # the reference's per-GPU batch sizes
-TEXT_TOKENS, TEXT_DIM, POOLED_DIM, LATENT_CHANNELS = 154, 2304, 768, 16
+TEXT_LEN, TEXT_DIM, BERT_WIDTH, POOLED_DIM, LATENT_CHANNELS = 77, 2304, 1024, 768, 16
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -56,17 +66,29 @@ def histogram(sizes: list[tuple[int, int]], resolution: int) -> Counter:
     return Counter(b for b in (bucket_size(h, w, resolution) for h, w in sizes) if b is not None)
 
 
-def ours_batch(b: int, height: int, width: int, dtype, make=torch.randn) -> dict[str, torch.Tensor]:
-    """A loader's batch for one bucket; ``make=torch.empty`` when only the sizes matter."""
-    return {
+def loader_text(b: int, dtype, seed: int) -> torch.Tensor:
+    """(b, 2 x 77, 2304) text laid out as encode_text makes it, for ``b`` captions of a loader batch."""
+    counts = [len(ids) for ids in build_tokenizer()(loader_captions(b, seed), truncation=True, max_length=TEXT_LEN)["input_ids"]]
+    text = torch.randn(b, 2 * TEXT_LEN, TEXT_DIM).to(dtype)
+    for row, count in enumerate(counts):
+        text[row, count:TEXT_LEN] = 0
+        text[row, TEXT_LEN + count :] = 0
+    text[:, TEXT_LEN:, BERT_WIDTH:] = 0
+    return text
+
+
+def ours_batch(b: int, height: int, width: int, dtype, text: torch.Tensor, make=torch.randn) -> dict[str, torch.Tensor]:
+    """A loader's batch for one bucket, as it goes over the wire; ``make=torch.empty`` when only the sizes matter."""
+    return pack_batch({
         "latents": make(b, LATENT_CHANNELS, height // 8, width // 8, dtype=dtype),
-        "text": make(b, TEXT_TOKENS, TEXT_DIM, dtype=dtype),
+        "text": text,
         "pooled": make(b, POOLED_DIM, dtype=dtype),
-    }
+    }, text_blocks=2)
 
 
-def reference_batch(batch: dict[str, torch.Tensor], resolution: int, padded: torch.Tensor | None = None) -> dict:
-    """The reference's layout: latents inf-padded to the maximum resolution, the rest unchanged.
+def reference_batch(batch: dict[str, torch.Tensor], text: torch.Tensor, resolution: int,
+                    padded: torch.Tensor | None = None) -> dict:
+    """The reference's layout: latents inf-padded to the maximum resolution, the whole ``text``.
 
     ``padded``: a (b, 16, R/8, R/8) buffer to fill, reused across buckets of one resolution."""
     latents = batch["latents"]
@@ -75,7 +97,7 @@ def reference_batch(batch: dict[str, torch.Tensor], resolution: int, padded: tor
         padded = torch.empty((latents.shape[0], LATENT_CHANNELS, side, side), dtype=latents.dtype)
     padded.fill_(float("inf"))
     padded[:, :, : latents.shape[2], : latents.shape[3]] = latents
-    return {**batch, "latents": padded}
+    return {"latents": padded, "text": text, "pooled": batch["pooled"]}
 
 
 def bytes_per_sample(batch: dict[str, torch.Tensor], header: bool) -> tuple[float, float]:
@@ -134,10 +156,11 @@ def main() -> None:
         b = BATCH_SIZE.get(resolution, 16)
         totals = np.zeros(4)
         padded = torch.empty((b, LATENT_CHANNELS, resolution // 8, resolution // 8), dtype=dtype)
+        text = loader_text(b, dtype, args.seed + resolution)
         for (height, width), n in counts.items():
-            batch = ours_batch(b, height, width, dtype, make=torch.empty)
+            batch = ours_batch(b, height, width, dtype, text, make=torch.empty)
             ours_latent, ours_all = bytes_per_sample(batch, header=True)
-            ref_latent, ref_all = bytes_per_sample(reference_batch(batch, resolution, padded), header=False)
+            ref_latent, ref_all = bytes_per_sample(reference_batch(batch, text, resolution, padded), header=False)
             totals += n * np.array([ours_latent, ref_latent, ours_all, ref_all])
         ours_latent, ref_latent, ours_all, ref_all = totals / sum(counts.values())
         print(
@@ -145,9 +168,9 @@ def main() -> None:
             f"{ref_latent / ours_latent:>5.2f}x {ours_all:>18,.0f} {ref_all:>10,.0f} {ref_all / ours_all:>5.2f}x"
         )
         common = counts.most_common(1)[0][0]
-        batch = ours_batch(b, *common, dtype)
+        batch = ours_batch(b, *common, dtype, text)
         transfers += [(f"{resolution} ours {common[0]}x{common[1]}", batch),
-                      (f"{resolution} reference {common[0]}x{common[1]}", reference_batch(batch, resolution))]
+                      (f"{resolution} reference {common[0]}x{common[1]}", reference_batch(batch, text, resolution))]
 
     if args.transfer_batches:
         timings = time_transfers(transfers, args.transfer_batches)

@@ -33,6 +33,7 @@ from trainer.tokenizer import build_tokenizer
 
 TINY = "tiny"
 TEXT_ENCODERS = ("gemma", "bert", "clip")
+SEQUENCE_ENCODERS = ("gemma", "bert")  # the row blocks of encode_text's text, in order
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -255,7 +256,7 @@ class Encoders:
         for name in TEXT_ENCODERS:
             tokenizer, model = load_text_encoder(name, config, self.dtype)
             self.tokenizers[name], self.text_models[name] = tokenizer, _frozen(model, self.device)
-        for name in ("gemma", "bert"):
+        for name in SEQUENCE_ENCODERS:
             width = self.text_models[name].config.hidden_size
             if width > config.text_dim:
                 raise ConfigError(f"encoders.text_dim: {config.text_dim} is narrower than {name}'s width {width}")
@@ -328,7 +329,7 @@ class Encoders:
         longest = [max(len(ids[name][i]) for name in TEXT_ENCODERS) for i in range(len(captions))]
         for chunk in _length_chunks(longest, self.config.text_batch_tokens):
             rows = torch.tensor(chunk, device=self.device)
-            for block, name in enumerate(("gemma", "bert")):
+            for block, name in enumerate(SEQUENCE_ENCODERS):
                 hidden = self._sequence(name, [ids[name][i] for i in chunk])
                 start = block * self.config.text_len
                 text[rows, start : start + hidden.shape[1], : hidden.shape[2]] = hidden

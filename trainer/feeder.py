@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 
 from trainer.config import TrainConfig
 from trainer.data import BucketBatches, BucketSampler, to_unit_range
-from trainer.encoders import Encoders
+from trainer.encoders import SEQUENCE_ENCODERS, Encoders
 from trainer.prefetch import Prefetcher
-from trainer.transport import send_batch, send_end, send_error
+from trainer.transport import pack_batch, send_batch, send_end, send_error
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def run_loader(cfg: TrainConfig, models: list[int], replica: int, num_replicas: 
         feeder = Feeder(cfg, index, len(models), replica, num_replicas, device, state)
         for parts in feeder.chunks(total_batches, save_state):
             for rank, part in zip(models, parts):
+                part = pack_batch(part, text_blocks=len(SEQUENCE_ENCODERS))  # text without its zero rows
                 pending = in_flight[rank]
                 # A bounded number of sends per model rank: beyond its prefetch depth the loader waits.
                 while len(pending) >= cfg.topology.prefetch:

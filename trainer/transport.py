@@ -6,8 +6,12 @@ A message is a fixed-size int64 header, then the tensors it describes. The heade
 
 ``kind`` is BATCH (n tensors follow), END (the loader has no more data) or ERROR (a uint8 tensor of n
 bytes follows: the loader's error message). The reference padded every latent to the maximum resolution
-(filling the rest with inf) so that shapes never had to travel; sending the shape first costs 184 bytes
-and lets every bucket travel at its own size (benchmarks/transport_bytes.py).
+(filling the rest with inf) so that shapes never had to travel; sending the shapes first costs a few
+hundred bytes and lets every bucket travel at its own size (benchmarks/transport_bytes.py).
+
+The text embeddings travel without their zero rows and columns (``pack_text``): most of a short
+caption's 77 rows are padding, and a narrower encoder's block is zero past its width. That is most of
+a batch's bytes, and leaving exact zeros out loses nothing.
 
 Every receive is bounded by ``timeout_s``: a dead or stuck peer gives a ``TransportTimeout`` naming it,
 never a hang.
@@ -23,7 +27,8 @@ import torch.distributed as dist
 
 from trainer.prefetch import Prefetcher
 
-TENSOR_NAMES = ("latents", "text", "pooled")
+MAX_TEXT_BLOCKS = 4
+TENSOR_NAMES = ("latents", "text", "pooled", "text_rows", "text_layout", *(f"text_{k}" for k in range(MAX_TEXT_BLOCKS)))
 DTYPES = (
     torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool
 )
@@ -68,8 +73,53 @@ def _batch_header(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return header
 
 
+def pack_text(text: torch.Tensor, blocks: int = 1) -> dict[str, torch.Tensor]:
+    """(B, L, D) text as its ``blocks`` row blocks (one per sequence encoder) without the all-zero rows, each
+    block at the width of its last used column; ``text_rows`` (B, L) marks the rows kept and
+    ``text_layout`` holds [dtype id, D, each block's width]. Lossless: only exact zeros are left out (a
+    -0.0 comes back as 0.0, which computes the same). A block with nothing left sends no tensor."""
+    if text.dim() != 3 or not 1 <= blocks <= MAX_TEXT_BLOCKS or text.shape[1] % blocks:
+        raise TransportError(f"cannot pack text of shape {tuple(text.shape)} into {blocks} row blocks")
+    if text.dtype not in DTYPES:
+        raise TransportError(f"cannot send text of dtype {text.dtype}: supported {DTYPES}")
+    per = text.shape[1] // blocks
+    used = text.ne(0)
+    rows = used.any(-1)
+    packed, widths = {"text_rows": rows.to(torch.uint8)}, []
+    for k in range(blocks):
+        columns = used[:, k * per : (k + 1) * per].flatten(0, 1).any(0).nonzero()
+        width = int(columns.max()) + 1 if len(columns) else 0
+        values = text[:, k * per : (k + 1) * per, :width][rows[:, k * per : (k + 1) * per]]
+        widths.append(width)
+        if values.numel():
+            packed[f"text_{k}"] = values
+    layout = [DTYPES.index(text.dtype), text.shape[2], *widths]
+    return {**packed, "text_layout": torch.tensor(layout, dtype=torch.int64, device=text.device)}
+
+
+def unpack_text(packed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (B, L, D) text that ``pack_text`` packed."""
+    dtype_id, dim, *widths = packed["text_layout"].tolist()
+    rows = packed["text_rows"].bool()
+    per = rows.shape[1] // len(widths)
+    text = torch.zeros(*rows.shape, dim, dtype=DTYPES[dtype_id], device=rows.device)
+    for k, width in enumerate(widths):
+        if f"text_{k}" in packed:
+            block = text[:, k * per : (k + 1) * per, :width]
+            block[rows[:, k * per : (k + 1) * per]] = packed[f"text_{k}"]
+    return text
+
+
+def pack_batch(batch: dict[str, torch.Tensor], text_blocks: int) -> dict[str, torch.Tensor]:
+    """``batch`` as it goes over the wire: its ``text`` through ``pack_text`` (``recv_batch`` unpacks it)."""
+    if "text" not in batch:
+        return batch
+    return {name: t for name, t in batch.items() if name != "text"} | pack_text(batch["text"], text_blocks)
+
+
 def send_batch(batch: dict[str, torch.Tensor], dst: int, group=None) -> list[dist.Work]:
-    """Start sending ``batch`` to global rank ``dst``; wait on the returned works before reusing its tensors."""
+    """Start sending ``batch`` (plain or ``pack_batch``ed) to global rank ``dst``; keep its tensors alive and
+    wait on the returned works before reusing them."""
     if not batch:
         raise TransportError("cannot send an empty batch")
     tensors = [t.contiguous() for t in batch.values()]
@@ -124,7 +174,7 @@ def recv_batch(src: int, group=None, device="cpu", timeout_s: float = 300.0) -> 
         raise LoaderFailed(f"loader failed: {message} (reported by rank {src})")
     if kind != BATCH or not 0 < n <= len(TENSOR_NAMES):
         raise TransportError(f"malformed header from rank {src}: kind {kind}, {n} tensors")
-    batch = {}
+    batch: dict[str, torch.Tensor] = {}
     for slot in range(n):
         name_id, dtype_id, ndim, *shape = slots[slot * SLOT : (slot + 1) * SLOT]
         if not (0 <= name_id < len(TENSOR_NAMES) and 0 <= dtype_id < len(DTYPES) and 0 <= ndim <= MAX_NDIM):
@@ -132,6 +182,9 @@ def recv_batch(src: int, group=None, device="cpu", timeout_s: float = 300.0) -> 
         name = TENSOR_NAMES[name_id]
         tensor = torch.empty(shape[:ndim], dtype=DTYPES[dtype_id], device=device)
         batch[name] = _receive(tensor, src, group, timeout_s, f"tensor {name!r}")
+    if "text_layout" in batch:
+        text_parts = {name: batch.pop(name) for name in list(batch) if name.startswith("text_")}
+        batch["text"] = unpack_text(text_parts)
     return batch
 
 

@@ -16,6 +16,8 @@ from trainer.transport import (
     LoaderFailed,
     TransportError,
     TransportTimeout,
+    pack_batch,
+    pack_text,
     recv_batch,
     send_batch,
     send_end,
@@ -36,7 +38,7 @@ CASES = [(h, w, FLOAT_DTYPES[i % 4]) for i, (h, w) in enumerate(bucket_shapes(12
 
 def expected_batch(i: int) -> dict[str, torch.Tensor]:
     if i == len(CASES):  # a last batch with fewer tensors and integer dtypes
-        return {"pooled": torch.arange(6, dtype=torch.int64).view(2, 3), "text": torch.ones(1, 2, dtype=torch.uint8)}
+        return {"pooled": torch.arange(6, dtype=torch.int64).view(2, 3), "text": torch.ones(1, 2, 3, dtype=torch.uint8)}
     height, width, dtype = CASES[i]
     generator = torch.Generator().manual_seed(i)
     b = 1 + i % 3
@@ -46,6 +48,11 @@ def expected_batch(i: int) -> dict[str, torch.Tensor]:
         "pooled": torch.randn(b, 64, generator=generator).to(dtype),
     }
     batch["latents"][0, 0, 0, 0] = float("inf")  # the reference's padding value travels unchanged too
+    # as encode_text makes it: each caption's padding rows zero, the second encoder narrower (48 of 64)
+    for row, length in enumerate(torch.randint(0, 78, (b, 2), generator=generator).tolist()):
+        batch["text"][row, length[0] : 77] = 0
+        batch["text"][row, 77 + length[1] :] = 0
+    batch["text"][:, 77:, 48:] = 0
     return batch
 
 
@@ -64,11 +71,14 @@ def _stream_worker(rank, init, out):
     if rank == 0:
         in_flight = []
         for i in range(len(CASES) + 1):
-            in_flight.append(send_batch(expected_batch(i), dst=1))
+            batch = expected_batch(i)
+            # half of them as a loader sends them: text without its zero rows and columns
+            wire = pack_batch(batch, text_blocks=2 if batch["text"].shape[1] % 2 == 0 else 1) if i % 2 else batch
+            in_flight.append((send_batch(wire, dst=1), wire))
             if len(in_flight) > 2:  # two batches on their way, as a loader with prefetch 2 keeps them
-                for work in in_flight.pop(0):
+                for work in in_flight.pop(0)[0]:
                     work.wait()
-        for works in in_flight:
+        for works, _ in in_flight:
             for work in works:
                 work.wait()
         send_end(1)
@@ -94,6 +104,30 @@ def test_every_bucket_shape_and_dtype_round_trips_exactly_then_the_sentinel_stop
     assert len(CASES) == 2 * 9 - 1 + 2 * 5 - 1
     result = _spawn(_stream_worker, tmp_path)
     assert result == {"mismatches": [], "after_end": [None, None]}
+
+
+def test_packed_text_unpacks_to_the_same_tensor_and_leaves_only_zeros_out():
+    from trainer.transport import unpack_text
+
+    batch = expected_batch(4)
+    text = batch["text"]
+    packed = pack_text(text, blocks=2)
+    kept_rows = int(text.ne(0).any(-1).sum())
+    assert packed["text_0"].shape[1] == 64 and packed["text_1"].shape[1] == 48
+    assert packed["text_0"].shape[0] + packed["text_1"].shape[0] == kept_rows < text.shape[0] * 154
+    assert torch.equal(unpack_text(packed), text) and unpack_text(packed).dtype == text.dtype
+    negative_zero = torch.full((2, 4, 3), -0.0)
+    negative_zero[0, 0] = torch.tensor([1.0, -0.0, 2.0])
+    assert torch.equal(unpack_text(pack_text(negative_zero)), negative_zero)  # -0.0 == 0.0, and computes alike
+    nothing = pack_text(torch.zeros(3, 154, 8, dtype=torch.bfloat16), blocks=2)
+    assert set(nothing) == {"text_rows", "text_layout"}  # no empty tensor ever travels
+    assert torch.equal(unpack_text(nothing), torch.zeros(3, 154, 8, dtype=torch.bfloat16))
+    for shape, blocks in (((2, 154), 1), ((2, 153, 8), 2), ((2, 154, 8), 5)):
+        try:
+            pack_text(torch.ones(shape), blocks)
+            raise AssertionError(f"{shape} into {blocks} blocks packed")
+        except TransportError as err:
+            assert "cannot pack text" in str(err)
 
 
 def _error_worker(rank, init, out):
