@@ -116,8 +116,11 @@ class BucketSampler:
                 f"lower train.batch_size or use more data"
             )
         # Per kept bucket: its rows, and where each of its row groups starts among them ("rows": one group).
-        self._buckets = [_by_row_group(index, rows) if shuffle == "row_groups" else (rows, np.zeros(1, np.int64))
-                         for rows in kept]
+        if shuffle == "row_groups":
+            groups = _row_group_keys(index)
+            self._buckets = [_by_row_group(groups, rows) for rows in kept]
+        else:
+            self._buckets = [(rows, np.zeros(1, np.int64)) for rows in kept]
         self.batches_per_epoch = sum(len(r) // batch_size for r in kept) // num_replicas
         if self.batches_per_epoch == 0:
             raise DataError(
@@ -172,14 +175,18 @@ class BucketSampler:
         self.epoch, self.batches_used = int(state["epoch"]), int(state["batches_used"])
 
 
-def _by_row_group(index: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``rows`` ordered by (shard, row group), and the position where each group starts among them."""
+def _row_group_keys(index: pa.Table) -> np.ndarray:
+    """One int64 per index row naming its (shard, row group)."""
     if "row_group" not in index.column_names:
         raise DataError("the index has no row_group column (it was built before the column existed): "
                         "rebuild it (materialize bucket_index) or use data.shuffle=rows")
     _, shards = shard_codes(index["shard"])
-    groups = index["row_group"].to_numpy()
-    key = shards[rows].astype(np.int64) << 32 | groups[rows]
+    return shards.astype(np.int64) << 32 | index["row_group"].to_numpy()
+
+
+def _by_row_group(groups: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` ordered by their row group (``_row_group_keys``), and where each group starts among them."""
+    key = groups[rows]
     ordered = np.argsort(key, kind="stable")
     key = key[ordered]
     return rows[ordered], np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
