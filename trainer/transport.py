@@ -142,18 +142,16 @@ def send_error(dst: int, message: str, group=None, device="cpu") -> None:
         dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), dst, group=group)
 
 
-def _wait(work: dist.Work, src: int, timeout_s: float, what: str) -> None:
+def _receive(tensor: torch.Tensor, src: int, group, timeout_s: float, what: str) -> torch.Tensor:
+    # Posting the receive fails too when the connection to ``src`` is already closed (gloo raises from irecv
+    # itself: seen when a loader died before the next header was posted), so both steps name the peer.
     try:
-        work.wait(timeout=timedelta(seconds=timeout_s))
+        dist.irecv(tensor, src, group=group).wait(timeout=timedelta(seconds=timeout_s))
     except RuntimeError as err:  # gloo and NCCL report timeouts and closed connections as RuntimeError
         text = str(err)
         if "timed out" in text.lower() or "timeout" in text.lower():
             raise TransportTimeout(f"no {what} from rank {src} within {timeout_s:g} s: is that rank alive?") from err
         raise TransportError(f"receiving {what} from rank {src} failed (did that rank die?): {text}") from err
-
-
-def _receive(tensor: torch.Tensor, src: int, group, timeout_s: float, what: str) -> torch.Tensor:
-    _wait(dist.irecv(tensor, src, group=group), src, timeout_s, what)
     return tensor
 
 
