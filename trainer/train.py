@@ -44,6 +44,7 @@ from trainer.topology import Topology, new_groups
 from trainer.transport import BatchReceiver
 
 log = logging.getLogger("trainer")
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun tells a rank to write its error
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +72,22 @@ def _check_batches_fit(cfg, topology: Topology, index) -> None:
         replicas = len(topology.loader_ranks)
     for batch_size in sorted(sizes):
         BucketSampler(index, batch_size, cfg.train.seed, 0, replicas, shuffle=cfg.data.shuffle)
+
+
+def _record_for_torchrun(err: BaseException) -> None:
+    """torchelastic's error file, so torchrun's failure summary names this error as the root cause (not "no
+    error file"). Written beside the file and renamed into place: torchrun SIGTERMs the other ranks once
+    one fails, and a file it finds half-written crashes its own agent (JSONDecodeError, seen under load)."""
+    target = os.environ.get(ERROR_FILE_ENV)
+    if not target:
+        return
+    os.environ[ERROR_FILE_ENV] = f"{target}.partial"
+    try:
+        get_error_handler().record_exception(err)
+    finally:
+        os.environ[ERROR_FILE_ENV] = target
+    if os.path.exists(f"{target}.partial"):
+        os.replace(f"{target}.partial", target)
 
 
 def _resume_point(cfg, resume: bool) -> Path | None:
@@ -163,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except BaseException as err:  # noqa: BLE001 - every failure must end this rank, with its reason
         log.error("rank %s failed: %s: %s\n%s", rank, type(err).__name__, err, traceback.format_exc())
-        # torchrun's failure summary then names this error as the root cause, not "no error file".
-        get_error_handler().record_exception(err)
+        _record_for_torchrun(err)
         logging.shutdown()
         sys.stderr.flush()
         # os._exit, not sys.exit: receiver threads and an unfinished process group would make a normal
