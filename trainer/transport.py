@@ -87,9 +87,10 @@ def pack_text(text: torch.Tensor, blocks: int = 1) -> dict[str, torch.Tensor]:
     rows = used.any(-1)
     packed, widths = {"text_rows": rows.to(torch.uint8)}, []
     for k in range(blocks):
-        columns = used[:, k * per : (k + 1) * per].flatten(0, 1).any(0).nonzero()
+        span = slice(k * per, (k + 1) * per)
+        columns = used[:, span].flatten(0, 1).any(0).nonzero()
         width = int(columns.max()) + 1 if len(columns) else 0
-        values = text[:, k * per : (k + 1) * per, :width][rows[:, k * per : (k + 1) * per]]
+        values = text[:, span, :width][rows[:, span]]
         widths.append(width)
         if values.numel():
             packed[f"text_{k}"] = values
@@ -104,9 +105,9 @@ def unpack_text(packed: dict[str, torch.Tensor]) -> torch.Tensor:
     per = rows.shape[1] // len(widths)
     text = torch.zeros(*rows.shape, dim, dtype=DTYPES[dtype_id], device=rows.device)
     for k, width in enumerate(widths):
+        span = slice(k * per, (k + 1) * per)
         if f"text_{k}" in packed:
-            block = text[:, k * per : (k + 1) * per, :width]
-            block[rows[:, k * per : (k + 1) * per]] = packed[f"text_{k}"]
+            text[:, span, :width][rows[:, span]] = packed[f"text_{k}"]
     return text
 
 
