@@ -23,7 +23,7 @@ from etl.accounting import check_accounting, reject_where
 from etl.buckets import bucket_shard, bucket_size, write_bucketed
 from etl.download import download_shard
 from etl.filter import duplicate_winners, filter_shard, hash_candidates
-from etl.index import bucket_histogram, build_index, dataset_version
+from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys
 from etl.invariants import bucketed_violations
 from etl.recaption import get_captioner, recaption_shard
 from etl.schema import StepResult
@@ -228,21 +228,22 @@ def build_pipeline_assets(resolutions: list[int]) -> list[dg.AssetsDefinition]:
         paths = [layout.bucketed(resolution, s) for s in all_shards if layout.bucketed(resolution, s).exists()]
         index = build_index(paths)
         write_parquet_atomic(index, layout.index(resolution))
-        unique = len(set(index["key"].to_pylist()))
-        version = dataset_version(index)
+        repeated, repeated_keys = duplicate_keys(index)
+        version, histogram = dataset_version(index), bucket_histogram(index)
         return dg.MaterializeResult(
             metadata={
                 "rows": index.num_rows,
                 "shards_indexed": len(paths),
                 "shards_missing": len(all_shards) - len(paths),
-                "buckets": len(bucket_histogram(index)),
-                "bucket_histogram": dg.MetadataValue.json(bucket_histogram(index)),
+                "buckets": len(histogram),
+                "bucket_histogram": dg.MetadataValue.json(histogram),
                 "dataset_version": version,
                 "path": dg.MetadataValue.path(str(layout.index(resolution))),
             },
             data_version=dg.DataVersion(version),
-            check_results=[dg.AssetCheckResult(check_name="index_keys_unique", passed=unique == index.num_rows,
-                                               metadata={"duplicates": index.num_rows - unique})],
+            check_results=[dg.AssetCheckResult(check_name="index_keys_unique", passed=not repeated,
+                                               metadata={"duplicates": repeated,
+                                                         "duplicate_keys": dg.MetadataValue.json(repeated_keys)})],
         )
 
     return [url_shards, downloaded, content_hashes, filtered, recaptioned, bucketed, bucket_index]

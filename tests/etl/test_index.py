@@ -3,7 +3,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from etl.index import bucket_histogram, build_index, dataset_version
+from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys
 from etl.storage import CorruptShardError, read_parquet, write_parquet_atomic
 from etl.schema import CANONICAL, conform
 
@@ -93,6 +93,20 @@ def test_histogram_counts_every_row_by_height_then_width(shards):
     portrait = sum(1 for r in index.to_pylist() if (r["height"], r["width"]) == (256, 128))
     assert histogram["256x128"] == portrait
     assert bucket_histogram(build_index([])) == {}
+
+
+def test_duplicate_keys_counts_every_repeat_and_names_the_keys(shards, tmp_path):
+    assert duplicate_keys(build_index(shards)) == (0, [])
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    # "e" repeats rows 0-9 of shard "a", and row 3 of "a" twice more
+    a = read_parquet(shards[1])
+    repeats = a.take(list(range(10)) + [3, 3])
+    e = write_parquet_atomic(repeats, copy / "e.parquet")
+    repeated, keys = duplicate_keys(build_index([*shards, e]))
+    assert repeated == 12
+    assert sorted(keys) == sorted(a["key"].to_pylist()[:10])
+    assert len(duplicate_keys(build_index([*shards, e]), examples=4)[1]) == 4
 
 
 def test_dataset_version_follows_content_only(shards, tmp_path):
