@@ -89,17 +89,21 @@ class BucketSampler:
 
     Iterating does not move the state: the caller calls ``advance()`` for each batch it actually used,
     so ``state_dict()`` never counts batches that were prefetched but not trained on.
+
+    ``data_version`` names the index (``etl.index.dataset_version``): with the seed, the shuffle and the
+    batch size it fixes the epoch's order of batches, which ``load_state_dict`` uses to continue a state
+    saved by a different set of loaders.
     """
 
     def __init__(self, index: pa.Table, batch_size: int, seed: int, rank_offset: int = 0, num_replicas: int = 1,
-                 shuffle: str = "rows"):
+                 shuffle: str = "rows", data_version: str = ""):
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
         if not 0 <= rank_offset < num_replicas:
             raise DataError(f"rank_offset {rank_offset} must be in [0, num_replicas={num_replicas})")
         if shuffle not in SHUFFLES:
             raise DataError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.batch_size, self.seed, self.shuffle, self.data_version = batch_size, seed, shuffle, data_version
         self.rank_offset, self.num_replicas = rank_offset, num_replicas
         heights = index["height"].to_numpy().astype(np.int64)
         widths = index["width"].to_numpy().astype(np.int64)
@@ -161,18 +165,44 @@ class BucketSampler:
         self.epoch, self.batches_used = divmod(position, self.batches_per_epoch)
 
     def state_dict(self) -> dict[str, int | str]:
-        return {"epoch": self.epoch, "batches_used": self.batches_used, "seed": self.seed,
-                "batches_per_epoch": self.batches_per_epoch, "shuffle": self.shuffle}
+        return {"epoch": self.epoch, "batches_used": self.batches_used, "batches_per_epoch": self.batches_per_epoch,
+                "num_replicas": self.num_replicas, **dict(zip(_ORDER_KEYS, self._order()))}
 
-    def load_state_dict(self, state: dict[str, int | str]) -> None:
-        saved = (state["seed"], state["batches_per_epoch"], state.get("shuffle", "rows"))  # older states: rows
-        if saved != (self.seed, self.batches_per_epoch, self.shuffle):
-            raise DataError(
-                f"sampler state was saved with seed {saved[0]}, {saved[1]} batches per epoch and shuffle {saved[2]}, "
-                f"this sampler has seed {self.seed}, {self.batches_per_epoch} and {self.shuffle}: the data, batch "
-                f"size, topology, seed or shuffle changed, so resuming mid-epoch is impossible"
-            )
-        self.epoch, self.batches_used = int(state["epoch"]), int(state["batches_used"])
+    def load_state_dict(self, state: dict[str, int | str]) -> str | None:
+        """Continue from a saved position: exactly when this sampler has the saved one's order and loader
+        count, and returns None; otherwise re-planned as below, and returns a sentence saying how.
+
+        - Another number of loaders, same order: the loaders took turns through one order of batches and each
+          used as many, so the epoch continues after the batches used by all; each loader skips fewer than one
+          turn of them.
+        - Another order (batch size, seed, shuffle or data changed): the epoch is re-drawn in the new order and
+          continues at the share of it already used, so within this epoch some images repeat and some are left
+          out; later epochs are whole."""
+        epoch, used, saved_per_epoch = int(state["epoch"]), int(state["batches_used"]), int(state["batches_per_epoch"])
+        saved_order = tuple(state.get(key) for key in _ORDER_KEYS)
+        saved_replicas = state.get("num_replicas")
+        note = None
+        if saved_order != self._order():
+            # Integer arithmetic: a float share times the batch count could round up past a whole batch.
+            used = -(-used * self.batches_per_epoch // saved_per_epoch)
+            changed = ", ".join(f"{key} {a} -> {b}" for key, a, b in zip(_ORDER_KEYS, saved_order, self._order()) if a != b)
+            note = (f"{changed}: epoch {epoch} is re-drawn and continues at the share already used "
+                    f"({int(state['batches_used'])} of {saved_per_epoch} batches per loader -> {used} of "
+                    f"{self.batches_per_epoch}); within this epoch some images repeat and some are left out")
+        elif saved_replicas != self.num_replicas:
+            consumed = used * int(saved_replicas)
+            used = -(-consumed // self.num_replicas)
+            note = (f"{saved_replicas} loaders -> {self.num_replicas}: epoch {epoch} continues after the {consumed} "
+                    f"batches of its order already used ({used * self.num_replicas - consumed} skipped)")
+        self.epoch, self.batches_used = epoch + used // self.batches_per_epoch, used % self.batches_per_epoch
+        return note
+
+    def _order(self) -> tuple:
+        return self.seed, self.shuffle, self.batch_size, self.data_version
+
+
+# What fixes an epoch's order of batches (with the index itself, named by data_version).
+_ORDER_KEYS = ("seed", "shuffle", "batch_size", "data_version")
 
 
 def _row_group_keys(index: pa.Table) -> np.ndarray:

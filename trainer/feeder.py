@@ -29,6 +29,7 @@ from trainer.config import TrainConfig
 from trainer.data import BucketBatches, BucketSampler, to_unit_range
 from trainer.encoders import SEQUENCE_ENCODERS, Encoders
 from trainer.prefetch import Prefetcher
+from trainer.resume import fresh_seed
 from trainer.transport import pack_batch, send_batch, send_end, send_error
 
 log = logging.getLogger(__name__)
@@ -45,22 +46,27 @@ def is_checkpoint_step(step: int, every: int, total_steps: int) -> bool:
 
 class Feeder:
     def __init__(self, cfg: TrainConfig, index: pa.Table, num_chunks: int, replica: int, num_replicas: int,
-                 device: torch.device, state: dict | None = None):
+                 device: torch.device, state: dict | None = None, data_version: str = ""):
         """``num_chunks`` model ranks share each batch; feeder ``replica`` of ``num_replicas`` (loaders, or
-        colocated ranks) draws its own share of each epoch; ``state`` is this feeder's part of a
-        checkpoint (``snapshot``) to continue from."""
+        colocated ranks) draws its own share of each epoch of the index named ``data_version``; ``state`` is
+        the part of a checkpoint to continue from (``snapshot``, or ``trainer.resume.feeder_state``)."""
         self.cfg, self.num_chunks, self.device = cfg, num_chunks, device
         self.chunk_size = cfg.train.batch_size
         self.sampler = BucketSampler(index, self.chunk_size * num_chunks, cfg.train.seed, rank_offset=replica,
-                                     num_replicas=num_replicas, shuffle=cfg.data.shuffle)
+                                     num_replicas=num_replicas, shuffle=cfg.data.shuffle, data_version=data_version)
         for size, count in self.sampler.dropped_buckets.items():
             log.warning("bucket %s has %d images, fewer than a batch of %d: dropped", size, count, self.chunk_size * num_chunks)
         self.encoders = Encoders(cfg.encoders, device=device)
         self.generator = torch.Generator(device).manual_seed(cfg.train.seed * 7919 + replica)
         self.batches_done = 0
         if state is not None:
-            self.sampler.load_state_dict(state["sampler"])
-            self.generator.set_state(state["generator"])
+            replanned = self.sampler.load_state_dict(state["sampler"])
+            if replanned and replica == 0:
+                log.warning("the data continues on a new plan: %s", replanned)
+            if state["generator"] is not None:
+                self.generator.set_state(state["generator"])
+            else:  # handed over from another topology: a stream of its own, from the seed and the position
+                self.generator.manual_seed(fresh_seed(cfg.train.seed, "vae", state["batches"], replica))
             self.batches_done = state["batches"]
         self.dataset = BucketBatches(cfg.data.root, cfg.data.resolution, index, cfg.data.detailed_caption_prob, cfg.train.seed)
         self.sleep_s = float(os.environ.get(SLOW_LOADER_ENV, "0"))
@@ -114,14 +120,15 @@ class Feeder:
 
 
 def run_loader(cfg: TrainConfig, models: list[int], replica: int, num_replicas: int, index: pa.Table,
-               device: torch.device, state: dict | None, save_state: Callable[[int, dict], None]) -> None:
+               device: torch.device, state: dict | None, save_state: Callable[[int, dict], None],
+               data_version: str = "") -> None:
     """A loader rank's whole job: feed ``models`` until every optimizer step has its batches, then send
     them the end sentinel. On any error, tell them why (they exit non-zero) and re-raise."""
     total_batches = cfg.train.total_steps * cfg.train.accumulation_steps
     timeout = timedelta(seconds=cfg.topology.timeout_s)
     in_flight: dict[int, collections.deque] = {rank: collections.deque() for rank in models}
     try:
-        feeder = Feeder(cfg, index, len(models), replica, num_replicas, device, state)
+        feeder = Feeder(cfg, index, len(models), replica, num_replicas, device, state, data_version)
         for parts in feeder.chunks(total_batches, save_state):
             for rank, part in zip(models, parts):
                 part = pack_batch(part, text_blocks=len(SEQUENCE_ENCODERS))  # text without its zero rows

@@ -24,7 +24,6 @@ from etl.storage import write_atomic
 from trainer.checkpoint import (
     CheckpointWriteError,
     write_text_atomic,
-    load_rank_state,
     load_trainer_state,
     resolve_checkpoint,
     save_checkpoint,
@@ -39,6 +38,8 @@ from trainer.flow import CFGDropout, flow_loss
 from trainer.lr_schedule import build_scheduler
 from trainer.metrics import MetricsLogger
 from trainer.model import MMDiT, MMDiTConfig
+from trainer.resume import ResumePoint, fresh_seed
+from trainer.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class ModelRankContext:
     rank: int  # global rank
-    world_size: int
+    topology: Topology
     group: dist.ProcessGroup  # the model ranks
-    num_model_ranks: int
     group_rank: int
     device: torch.device
     dataset_version: str
-    resume_from: Path | None  # a step folder to continue from
+    resume: ResumePoint | None  # the checkpoint to continue from
     source: object  # BatchReceiver or LocalFeeder: get() -> (batch or None, seconds waited)
     run_config: dict  # the whole TrainConfig as plain values, for wandb
+
+    @property
+    def num_model_ranks(self) -> int:
+        return len(self.topology.model_ranks)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -107,7 +111,7 @@ def _check_model_ranks_agree(rank_files: list[Path], model_ranks: list[int], ste
         raise CheckpointWriteError(f"step {step}: model ranks hold different weights (sha256 per rank: {hashes})")
 
 
-def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext, model_ranks: list[int]) -> None:
+def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
     device, group = ctx.device, ctx.group
     model = build_model(cfg, device)
     ema = EMA(model, cfg.ema.decay, cfg.ema.every, device="cpu" if cfg.ema.device == "cpu" else None)
@@ -136,23 +140,28 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext, model_ranks: list[
     # Built after a finetuning run took over the old optimizer state, so the new run's warmup applies.
     scheduler = build_scheduler(optimizer, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps,
                                 cfg.train.total_steps, cfg.train.lr_schedule)
-    if ctx.resume_from is not None:
-        model.load_state_dict(_weights_of(ctx.resume_from / "model"))
-        ema.load_state_dict(_weights_of(ctx.resume_from / "ema"))
-        state = load_trainer_state(ctx.resume_from)
+    if ctx.resume is not None:
+        step_dir = ctx.resume.step_dir
+        model.load_state_dict(_weights_of(step_dir / "model"))
+        ema.load_state_dict(_weights_of(step_dir / "ema"))
+        state = load_trainer_state(step_dir)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_step, wandb_run_id = state["step"], state["wandb_run_id"]
-        own = load_rank_state(ctx.resume_from, ctx.rank)
-        torch.set_rng_state(own["rng_cpu"])
-        generator.set_state(own["generator"])
-        if device.type == "cuda" and "rng_cuda" in own:
-            torch.cuda.set_rng_state(own["rng_cuda"], device)
+        own = ctx.resume.rank_state
+        if own is not None:
+            torch.set_rng_state(own["rng_cpu"])
+            generator.set_state(own["generator"])
+            if device.type == "cuda" and "rng_cuda" in own:
+                torch.cuda.set_rng_state(own["rng_cuda"], device)
+        else:  # another topology (see trainer.resume)
+            torch.manual_seed(fresh_seed(cfg.train.seed, "cpu", start_step, ctx.rank))  # build_model seeded it
+            generator.manual_seed(fresh_seed(cfg.train.seed, "model", start_step, ctx.rank))
         if state["dataset_version"] != ctx.dataset_version:
             log.warning("resuming on dataset version %s; the checkpoint was trained on %s",
                         ctx.dataset_version, state["dataset_version"])
-        log.info("rank %d resumes after step %d from %s", ctx.rank, start_step, ctx.resume_from)
+        log.info("rank %d resumes after step %d from %s", ctx.rank, start_step, step_dir)
 
     metrics = None
     if ctx.group_rank == 0:
@@ -207,7 +216,7 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext, model_ranks: list[
             if sampler is not None and step % cfg.log.sample_every == 0:
                 sampler.log(ema.model, metrics, step)
             if is_checkpoint_step(step, cfg.checkpoint.every, cfg.train.total_steps):
-                _checkpoint(cfg, ctx, model_ranks, step, loss_mean, model, ema, optimizer, scheduler, scaler, generator,
+                _checkpoint(cfg, ctx, step, loss_mean, model, ema, optimizer, scheduler, scaler, generator,
                             metrics.run_id if metrics is not None else None)
         ctx.source.close()
     finally:
@@ -215,7 +224,7 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext, model_ranks: list[
             metrics.close()
 
 
-def _checkpoint(cfg, ctx: ModelRankContext, model_ranks, step, loss, model, ema, optimizer, scheduler, scaler, generator,
+def _checkpoint(cfg, ctx: ModelRankContext, step, loss, model, ema, optimizer, scheduler, scaler, generator,
                 wandb_run_id) -> None:
     own = {"role": "model", "rng_cpu": torch.get_rng_state(), "generator": generator.get_state(),
            "weights_sha256": weights_sha256(model)}
@@ -226,11 +235,12 @@ def _checkpoint(cfg, ctx: ModelRankContext, model_ranks, step, loss, model, ema,
     save_rank_state(cfg.checkpoint.dir, step, ctx.rank, own)
     if ctx.group_rank != 0:
         return
-    rank_files = wait_for_rank_states(cfg.checkpoint.dir, step, ctx.world_size, cfg.topology.timeout_s)
-    _check_model_ranks_agree(rank_files, model_ranks, step)
+    rank_files = wait_for_rank_states(cfg.checkpoint.dir, step, ctx.topology.world_size, cfg.topology.timeout_s)
+    _check_model_ranks_agree(rank_files, ctx.topology.model_ranks, step)
     trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "wandb_run_id": wandb_run_id, "dataset_version": ctx.dataset_version}
-    meta = {"loss": loss, "dataset_version": ctx.dataset_version, "resolution": cfg.data.resolution}
+    meta = {"loss": loss, "dataset_version": ctx.dataset_version, "resolution": cfg.data.resolution,
+            "topology": ctx.topology.to_record()}
     step_dir = save_checkpoint(cfg.checkpoint.dir, step, model, ema.model, cfg.encoders, meta, trainer_state, rank_files,
                                cfg.checkpoint.keep)
     log.info("saved %s", step_dir)

@@ -120,6 +120,10 @@ class Topology:
         self._check_rank(rank)
         return "loader" if rank in self.loader_to_model else "model"
 
+    def runs_feeder(self, rank: int) -> bool:
+        """Whether ``rank`` runs a feeder (a loader, or a colocated rank) rather than receiving batches."""
+        return self.colocated or self.role(rank) == "loader"
+
     def loader_of(self, model_rank: int) -> int:
         """The rank that feeds ``model_rank`` (itself when colocated)."""
         if self.role(model_rank) != "model":
@@ -136,6 +140,16 @@ class Topology:
         if loader_rank not in self.loader_to_model:
             raise TopologyError(f"rank {loader_rank} is a model rank, not a loader")
         return list(self.loader_to_model[loader_rank])
+
+    def to_record(self) -> dict:
+        """JSON values (saved with each checkpoint); ``from_record`` rebuilds the topology."""
+        return {"world_size": self.world_size, "colocated": self.colocated,
+                "loader_to_model": {str(loader): models for loader, models in self.loader_to_model.items()}}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Topology:
+        mapping = {int(loader): [int(r) for r in models] for loader, models in record["loader_to_model"].items()}
+        return cls(dict(sorted(mapping.items())), int(record["world_size"]), colocated=bool(record["colocated"]))
 
     def describe(self) -> str:
         if self.colocated:

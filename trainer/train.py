@@ -29,17 +29,12 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
 from etl.config import to_mapping
 from etl.index import dataset_version
-from trainer.checkpoint import (
-    CheckpointNotFoundError,
-    clean_stale_writes,
-    load_rank_state,
-    resolve_checkpoint,
-    save_rank_state,
-)
+from trainer.checkpoint import CheckpointNotFoundError, clean_stale_writes, resolve_checkpoint, save_rank_state
 from trainer.config import load_train_config
 from trainer.data import BucketSampler, open_index
 from trainer.feeder import Feeder, LocalFeeder, run_loader
 from trainer.loop import ModelRankContext, train_model_rank
+from trainer.resume import feeder_state, fresh_seed, resume_point
 from trainer.topology import Topology, new_groups
 from trainer.transport import BatchReceiver
 
@@ -90,7 +85,7 @@ def _record_for_torchrun(err: BaseException) -> None:
         os.replace(f"{target}.partial", target)
 
 
-def _resume_point(cfg, resume: bool) -> Path | None:
+def _resume_dir(cfg, resume: bool) -> Path | None:
     if not resume:
         return None
     try:
@@ -130,10 +125,15 @@ def run(args: argparse.Namespace) -> None:
     index = open_index(cfg.data.root, cfg.data.resolution)
     _check_batches_fit(cfg, topology, index)
     version = dataset_version(index)
-    resume_from = _resume_point(cfg, args.resume)
+    resume_from = _resume_dir(cfg, args.resume)
+    resume = resume_point(resume_from, topology, rank) if resume_from is not None else None
     if rank == 0:
         log.info("%s; data version %s; %s", topology.describe(), version,
                  f"resuming from {resume_from}" if resume_from else "starting at step 0")
+        if resume is not None and not resume.same_topology:
+            log.warning("step %d was saved on another topology (%s): weights, EMA, optimizer, schedule and step "
+                        "continue; the data position is handed over and the random streams start afresh",
+                        resume.step, resume.saved_topology.describe())
 
     device = _device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(seconds=cfg.topology.timeout_s)
@@ -143,27 +143,30 @@ def run(args: argparse.Namespace) -> None:
         clean_stale_writes(cfg.checkpoint.dir)
     dist.barrier()  # nobody stages checkpoint state before the stale staging folders are gone
 
-    own_state = load_rank_state(resume_from, rank) if resume_from is not None else None
-    if own_state is not None:
-        torch.set_rng_state(own_state["rng_cpu"])
+    feeding = None
+    if resume is not None:
+        if resume.same_topology:
+            torch.set_rng_state(resume.rank_state["rng_cpu"])
+        else:
+            torch.manual_seed(fresh_seed(cfg.train.seed, "cpu", resume.step, rank))
+        if topology.runs_feeder(rank):
+            feeding = feeder_state(resume, cfg.train.accumulation_steps)
     if topology.role(rank) == "loader":
         loaders = topology.loader_ranks
-        run_loader(cfg, topology.models_of(rank), loaders.index(rank), len(loaders), index, device,
-                   own_state and own_state["feeder"],
-                   lambda step, snapshot: _save_loader_state(cfg, step, rank, snapshot))
+        run_loader(cfg, topology.models_of(rank), loaders.index(rank), len(loaders), index, device, feeding,
+                   lambda step, snapshot: _save_loader_state(cfg, step, rank, snapshot), version)
     else:
         if topology.colocated:
-            feeder = Feeder(cfg, index, 1, rank, world_size, device, own_state and own_state["feeder"])
+            feeder = Feeder(cfg, index, 1, rank, world_size, device, feeding, version)
             source = LocalFeeder(feeder, cfg.train.total_steps * cfg.train.accumulation_steps, cfg.topology.prefetch)
         else:
             source = BatchReceiver(topology.loader_of(rank), cfg.topology.prefetch, device, timeout_s=cfg.topology.timeout_s)
         model_ranks = topology.model_ranks
         ctx = ModelRankContext(
-            rank=rank, world_size=world_size, group=model_group, num_model_ranks=len(model_ranks),
-            group_rank=model_ranks.index(rank), device=device, dataset_version=version, resume_from=resume_from,
-            source=source, run_config=to_mapping(cfg),
+            rank=rank, topology=topology, group=model_group, group_rank=model_ranks.index(rank), device=device,
+            dataset_version=version, resume=resume, source=source, run_config=to_mapping(cfg),
         )
-        train_model_rank(cfg, ctx, model_ranks)
+        train_model_rank(cfg, ctx)
     dist.barrier()  # the last checkpoint is written before any rank tears the process group down
     dist.destroy_process_group()
 

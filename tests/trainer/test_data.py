@@ -111,13 +111,56 @@ def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run(shuffle):
     assert state["epoch"] == 1 and state["batches_used"] == 37
     assert all(isinstance(v, (int, str)) for v in state.values())  # saves with torch.save, loads with weights_only
     resumed = BucketSampler(index, 10, seed=7, shuffle=shuffle)
-    resumed.load_state_dict(state)
+    assert resumed.load_state_dict(state) is None  # nothing re-planned
     assert take(resumed, 113) == uninterrupted[137:]
-    with pytest.raises(DataError, match="batch size, topology, seed or shuffle changed"):
-        BucketSampler(index, 20, seed=7, shuffle=shuffle).load_state_dict(state)
-    other = "rows" if shuffle == "row_groups" else "row_groups"
-    with pytest.raises(DataError, match=f"shuffle {shuffle}, this sampler .* and {other}"):
-        BucketSampler(index, 10, seed=7, shuffle=other).load_state_dict(state)
+
+
+def _used(sampler: BucketSampler, batches: int) -> dict:
+    iterator = iter(sampler)
+    for _ in range(batches):
+        next(iterator)
+        sampler.advance()
+    return sampler.state_dict()
+
+
+@pytest.mark.parametrize("shuffle", ["rows", "row_groups"])
+def test_another_loader_count_continues_the_epoch_after_the_batches_all_loaders_used(shuffle):
+    """2 loaders used 37 batches each of the epoch's one order of batches (taking turns): 3 loaders take
+    over after those 74, skipping fewer than one turn, and then read on in their turns."""
+    index = synthetic_index(SIZES)
+    order = take(BucketSampler(index, 10, seed=5, shuffle=shuffle), 100)  # one loader: the whole order
+    state = _used(BucketSampler(index, 10, seed=5, rank_offset=0, num_replicas=2, shuffle=shuffle), 37)
+    resumed = [BucketSampler(index, 10, seed=5, rank_offset=r, num_replicas=3, shuffle=shuffle) for r in range(3)]
+    notes = {sampler.load_state_dict(state) for sampler in resumed}
+    assert notes == {"2 loaders -> 3: epoch 0 continues after the 74 batches of its order already used (1 skipped)"}
+    for r, sampler in enumerate(resumed):
+        assert (sampler.epoch, sampler.batches_used) == (0, 25)
+        nexts = take(sampler, 8)  # 8 = this epoch's last 8 of 33 per loader
+        assert nexts == order[75 + r::3][:8] and all(b.epoch == 0 for b in nexts)
+        assert take(sampler, 9)[8].epoch == 1
+    # The position rolls into the next epoch when the old loaders used what the new ones would get.
+    late = _used(BucketSampler(index, 10, seed=5, num_replicas=2, shuffle=shuffle), 49)
+    sampler = BucketSampler(index, 10, seed=5, rank_offset=1, num_replicas=3, shuffle=shuffle)
+    sampler.load_state_dict(late)
+    assert (sampler.epoch, sampler.batches_used) == (1, 0)
+
+
+def test_another_order_redraws_the_epoch_and_continues_at_the_share_used():
+    index = synthetic_index(SIZES)
+    state = _used(BucketSampler(index, 10, seed=7, data_version="v1"), 137)  # epoch 1, 37 of 100
+    bigger = BucketSampler(index, 20, seed=7, data_version="v1")
+    assert bigger.load_state_dict(state) == (
+        "batch_size 10 -> 20: epoch 1 is re-drawn and continues at the share already used (37 of 100 batches per "
+        "loader -> 19 of 50); within this epoch some images repeat and some are left out")
+    assert (bigger.epoch, bigger.batches_used) == (1, 19)
+    assert take(bigger, 1) == [BucketSampler(index, 20, seed=7, data_version="v1")._epoch_batches(1)[19].tolist()]
+    grown = synthetic_index({**SIZES, (64, 64): 900})
+    for sampler, change in [(BucketSampler(grown, 10, seed=7, data_version="v2"), "data_version v1 -> v2"),
+                            (BucketSampler(index, 10, seed=8, data_version="v1"), "seed 7 -> 8"),
+                            (BucketSampler(index, 10, seed=7, shuffle="row_groups", data_version="v1"),
+                             "shuffle rows -> row_groups")]:
+        assert sampler.load_state_dict(state).startswith(f"{change}: epoch 1 is re-drawn")
+        assert sampler.epoch == 1 and sampler.batches_used == -(-37 * sampler.batches_per_epoch // 100)
 
 
 @pytest.mark.parametrize("shuffle", ["rows", "row_groups"])

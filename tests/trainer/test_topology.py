@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from trainer.config import TopologySection
@@ -44,6 +46,18 @@ def test_colocated_every_rank_feeds_itself():
     assert topology.model_ranks == [0, 1, 2] and topology.loader_ranks == []
     assert [topology.role(r) for r in range(3)] == ["model"] * 3
     assert topology.loader_of(2) == 2 and topology.models_of(1) == [1]
+    assert all(topology.runs_feeder(r) for r in range(3))
+
+
+def test_a_topology_round_trips_through_its_json_record():
+    """Checkpoints record their topology as JSON (map keys become strings); resuming compares it."""
+    for topology in [Topology.from_config(TopologySection(loader_to_model={1: [5, 6, 7], 0: [2, 3, 4]}), 8),
+                     Topology.from_config(TopologySection(colocated=True), 3)]:
+        record = json.loads(json.dumps(topology.to_record()))
+        assert Topology.from_record(record) == topology
+    reference = Topology.from_config(TopologySection(loader_to_model={0: [2, 3, 4], 1: [5, 6, 7]}), 8)
+    assert [reference.runs_feeder(r) for r in range(8)] == [True] * 2 + [False] * 6
+    assert Topology.from_config(TopologySection(models_per_loader=3), 8) != reference
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import torch
 import yaml
 
 from tests.trainer.demo_dataset import build_demo_dataset
-from trainer.checkpoint import load_model, load_rank_state, resolve_checkpoint
+from trainer.checkpoint import load_model, load_rank_state, load_trainer_state, resolve_checkpoint
 from trainer.data import BucketSampler, open_index
 from trainer.loop import weights_sha256
 from trainer.metrics import KEYS, read_metrics
@@ -325,6 +326,33 @@ def test_colocated_single_process_run_without_torchrun_samples_while_training(da
     assert state["role"] == "model" and state["feeder"]["batches"] == 3 * 2  # 2 micro-batches a step
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002_0.png", "step_0000002_1.png"]
+
+
+def test_resume_on_another_topology_hands_over_the_data_position_and_the_training_state(reference_run, data_root,
+                                                                                         tmp_path):
+    """The reference run's last checkpoint (1 loader : 3 model ranks, 2 images each) continues in one colocated
+    process drawing all 6 images itself: the weights, EMA, optimizer, schedule and step go on, the loader's
+    sampler position is handed over (same order, so the data continues exactly), the random streams restart."""
+    reference_dir, _, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_dir, run_dir, symlinks=True)
+    config = base_config(data_root, run_dir)
+    config["topology"] = {"colocated": True, "prefetch": 1, "timeout_s": 20}
+    config["train"].update(total_steps=TOTAL_STEPS + 2, batch_size=6)
+    result = run([sys.executable, TRAIN, "--config", str(write_config(tmp_path / "train.yaml", config)), "--resume"])
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (f"step {TOTAL_STEPS} was saved on another topology (loader -> model ranks {{0: [1, 2, 3]}} (WORLD_SIZE 4))"
+            in result.stderr)
+    assert "the data continues on a new plan" not in result.stderr
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, TOTAL_STEPS + 3))
+    step_dir = resolve_checkpoint(run_dir)
+    assert step_dir.name == f"step_{TOTAL_STEPS + 2:07d}"
+    assert json.loads((step_dir / "meta.json").read_text())["topology"] == {
+        "world_size": 1, "colocated": True, "loader_to_model": {}}
+    sampler = load_rank_state(step_dir, 0)["feeder"]["sampler"]
+    assert sampler["epoch"] * sampler["batches_per_epoch"] + sampler["batches_used"] == TOTAL_STEPS + 2
+    adam = load_trainer_state(step_dir)["optimizer"]["state"]
+    assert {int(s["step"]) for s in adam.values()} == {TOTAL_STEPS + 2}  # the optimizer went on from step 6
 
 
 def free_port() -> int:
