@@ -114,7 +114,6 @@ def latent_statistics(vae: AutoencoderKL, images: list[torch.Tensor], generator:
 def train(args: argparse.Namespace) -> AutoencoderKL:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
 
     vae = AutoencoderKL(**DEMO_VAE_CONFIG)
@@ -193,7 +192,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    vae = train(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        vae = train(args)
+    finally:  # the tests run main() in their own process, whose later tests must keep their thread count
+        torch.set_num_threads(threads)
     vae.to(SAVED_DTYPE).save_pretrained(args.out, safe_serialization=True)
     size = sum(f.stat().st_size for f in args.out.iterdir())
     print(f"wrote {args.out} ({size / 1e6:.2f} MB)")

@@ -142,8 +142,10 @@ def test_training_script_is_deterministic_and_writes_a_loadable_vae(tmp_path):
     script = _training_script()
     tiny_run = ["--steps", "2", "--batch-size", "2", "--pool", "4", "--eval-images", "1", "--stat-images", "2",
                 "--resolutions", "64", "--crop", "32", "--log-every", "1", "--eval-every", "2"]
-    script.main([*tiny_run, "--out", str(tmp_path / "a")])
-    script.main([*tiny_run, "--out", str(tmp_path / "b")])
+    threads = torch.get_num_threads()
+    script.main([*tiny_run, "--out", str(tmp_path / "a"), "--threads", str(threads + 1)])
+    assert torch.get_num_threads() == threads  # main() runs in this process: it must not change the tests after it
+    script.main([*tiny_run, "--out", str(tmp_path / "b"), "--threads", str(threads + 1)])
     first = load_file(tmp_path / "a" / "diffusion_pytorch_model.safetensors")
     second = load_file(tmp_path / "b" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(first[k], second[k]) for k in first)
