@@ -67,6 +67,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def images_per_step(cfg: TrainConfig, num_model_ranks: int) -> int:
+    """The global batch: images in one optimizer step over all model ranks."""
+    return cfg.train.batch_size * cfg.train.accumulation_steps * num_model_ranks
+
+
 def weights_sha256(model: torch.nn.Module) -> str:
     """A hash of every parameter's bytes: model ranks compare it at each checkpoint (DDP keeps them equal)."""
     digest = hashlib.sha256()
@@ -207,7 +212,7 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
             if metrics is not None:
                 values = {
                     "step": step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm.item(),
-                    "images_per_s": cfg.train.batch_size * accumulation * ctx.num_model_ranks / elapsed,
+                    "images_per_s": images_per_step(cfg, ctx.num_model_ranks) / elapsed,
                     "data_wait_frac": stats[1].item(),
                 }
                 if evaluation is not None and step % cfg.log.eval_every == 0:
@@ -240,7 +245,7 @@ def _checkpoint(cfg, ctx: ModelRankContext, step, loss, model, ema, optimizer, s
     trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "wandb_run_id": wandb_run_id, "dataset_version": ctx.dataset_version}
     meta = {"loss": loss, "dataset_version": ctx.dataset_version, "resolution": cfg.data.resolution,
-            "topology": ctx.topology.to_record()}
+            "topology": ctx.topology.to_record(), "images_per_step": images_per_step(cfg, ctx.num_model_ranks)}
     step_dir = save_checkpoint(cfg.checkpoint.dir, step, model, ema.model, cfg.encoders, meta, trainer_state, rank_files,
                                cfg.checkpoint.keep)
     log.info("saved %s", step_dir)

@@ -27,6 +27,7 @@ class ResumePoint:
     step: int
     saved_topology: Topology | None  # None: a checkpoint written before topologies were recorded
     rank_state: dict | None  # this rank's own saved state; None on another topology
+    images_per_step: int | None  # the saved run's global batch (None before it was recorded)
 
     @property
     def same_topology(self) -> bool:
@@ -37,7 +38,7 @@ def resume_point(step_dir: Path, topology: Topology, rank: int) -> ResumePoint:
     meta = read_json(step_dir, "meta.json")
     saved = Topology.from_record(meta["topology"]) if "topology" in meta else None
     own = load_rank_state(step_dir, rank) if saved is None or saved == topology else None
-    return ResumePoint(step_dir, int(meta["step"]), saved, own)
+    return ResumePoint(step_dir, int(meta["step"]), saved, own, meta.get("images_per_step"))
 
 
 def feeder_state(point: ResumePoint, accumulation_steps: int) -> dict:

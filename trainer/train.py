@@ -33,7 +33,7 @@ from trainer.checkpoint import CheckpointNotFoundError, clean_stale_writes, reso
 from trainer.config import load_train_config
 from trainer.data import BucketSampler, open_index
 from trainer.feeder import Feeder, LocalFeeder, run_loader
-from trainer.loop import ModelRankContext, train_model_rank
+from trainer.loop import ModelRankContext, images_per_step, train_model_rank
 from trainer.resume import feeder_state, fresh_seed, resume_point
 from trainer.topology import Topology, new_groups
 from trainer.transport import BatchReceiver
@@ -134,6 +134,10 @@ def run(args: argparse.Namespace) -> None:
             log.warning("step %d was saved on another topology (%s): weights, EMA, optimizer, schedule and step "
                         "continue; the data position is handed over and the random streams start afresh",
                         resume.step, resume.saved_topology.describe())
+        global_batch = images_per_step(cfg, len(topology.model_ranks))
+        if resume is not None and resume.images_per_step not in (None, global_batch):
+            log.warning("images per optimizer step: %d -> %d (train.lr stays %g)", resume.images_per_step, global_batch,
+                        cfg.train.lr)
 
     device = _device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(seconds=cfg.topology.timeout_s)

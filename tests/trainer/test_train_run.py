@@ -162,6 +162,8 @@ def test_four_process_run_checkpoints_identical_model_ranks(reference_run):
     assert all(0.0 <= m["data_wait_frac"] <= 1.0 and m["images_per_s"] > 0 for m in metrics)
     meta = json.loads((step_dir / "meta.json").read_text())
     assert meta["step"] == TOTAL_STEPS and meta["loss"] == metrics[-1]["loss"] and meta["dataset_version"]
+    assert meta["topology"] == {"world_size": 4, "colocated": False, "loader_to_model": {"0": [1, 2, 3]}}
+    assert meta["images_per_step"] == 3 * 2
 
 
 def test_two_loaders_each_feed_their_own_model_ranks_as_in_the_reference_map(data_root, tmp_path):
@@ -347,8 +349,10 @@ def test_resume_on_another_topology_hands_over_the_data_position_and_the_trainin
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, TOTAL_STEPS + 3))
     step_dir = resolve_checkpoint(run_dir)
     assert step_dir.name == f"step_{TOTAL_STEPS + 2:07d}"
-    assert json.loads((step_dir / "meta.json").read_text())["topology"] == {
-        "world_size": 1, "colocated": True, "loader_to_model": {}}
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert meta["topology"] == {"world_size": 1, "colocated": True, "loader_to_model": {}}
+    assert meta["images_per_step"] == 6  # 1 rank x 6 images, as 3 ranks x 2 before: no warning about it
+    assert "images per optimizer step" not in result.stderr
     sampler = load_rank_state(step_dir, 0)["feeder"]["sampler"]
     assert sampler["epoch"] * sampler["batches_per_epoch"] + sampler["batches_used"] == TOTAL_STEPS + 2
     adam = load_trainer_state(step_dir)["optimizer"]["state"]
