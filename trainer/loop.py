@@ -126,8 +126,10 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
     ddp = DistributedDataParallel(model, process_group=group, device_ids=[device.index] if device.type == "cuda" else None)
     prime_gradient_buckets(ddp, device)
     forward = torch.compile(ddp) if cfg.train.compile else ddp
+    # Fused on the CPU too: one kernel instead of a Python loop over the parameters, 3.7-5x faster a step
+    # (benchmarks/adamw_cpu.py).
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
+                                  weight_decay=cfg.train.weight_decay, fused=True)
     # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so fp16 support would not change
     # the checkpoint format.
     scaler = torch.amp.GradScaler(device.type, enabled=False)
