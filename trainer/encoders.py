@@ -252,6 +252,12 @@ class Encoders:
         self.device = torch.device(device or config.device)
         self.dtype = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype or config.dtype]
         self.vae = _frozen(load_vae(config, self.dtype), self.device)
+        # On the CPU the encoder's convolutions run 1.3-2.2x faster in NHWC (benchmarks/vae_layout.py); the
+        # decoder's gain nothing there, and the GPU layouts are not measured yet, so they stay as they are.
+        self._encode_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        for part in (self.vae.encoder, self.vae.quant_conv):
+            if part is not None:
+                part.to(memory_format=self._encode_format)
         self.tokenizers, self.text_models = {}, {}
         for name in TEXT_ENCODERS:
             tokenizer, model = load_text_encoder(name, config, self.dtype)
@@ -289,9 +295,9 @@ class Encoders:
             raise ValueError(f"encode_images expects (B, 3, H, W) images, got shape {tuple(x.shape)}")
         if x.shape[2] % self.downsampling or x.shape[3] % self.downsampling:
             raise ValueError(f"image size {tuple(x.shape[2:])} is not a multiple of {self.downsampling}")
-        posterior = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
+        posterior = self.vae.encode(x.to(self.device, self.dtype).contiguous(memory_format=self._encode_format)).latent_dist
         z = posterior.sample(generator) if self.config.latents == "sample" else posterior.mode()
-        return (z - self._shift) * self.vae.config.scaling_factor
+        return ((z - self._shift) * self.vae.config.scaling_factor).contiguous()
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
