@@ -71,6 +71,22 @@ def seconds_per_call(fn, device: torch.device, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
+def vae_encode_seconds(encoders: Encoders, x: torch.Tensor, layout: torch.memory_format, device: torch.device,
+                       reps: int) -> float:
+    """The VAE encoder in one memory layout (Encoders uses channels_last on CPUs only, measured there by
+    benchmarks/vae_layout.py: this is the GPU's answer)."""
+    vae, restore = encoders.vae, encoders.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for part in (vae.encoder, vae.quant_conv):
+        if part is not None:
+            part.to(memory_format=layout)
+    x = x.to(encoders.dtype).contiguous(memory_format=layout)
+    seconds = seconds_per_call(lambda: vae.encode(x), device, reps)
+    for part in (vae.encoder, vae.quant_conv):
+        if part is not None:
+            part.to(memory_format=torch.channels_last if restore else torch.contiguous_format)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, one rep")
@@ -107,6 +123,10 @@ def main() -> None:
             x = torch.rand(batch, 3, side, side, device=device) * 2 - 1
             s = seconds_per_call(lambda: encoders.encode_images(x), device, reps)
             rows.append((f"encode_images {side} px, batch {batch}", f"{batch / s:.0f} images/s"))
+            nchw, nhwc = (vae_encode_seconds(encoders, x, layout, device, reps)
+                          for layout in (torch.contiguous_format, torch.channels_last))
+            rows.append((f"VAE encoder {side} px, batch {batch}: NCHW vs channels_last",
+                         f"{batch / nchw:.0f} vs {batch / nhwc:.0f} images/s ({nchw / nhwc:.2f}x)"))
         if device.type == "cuda":
             rows.append(("GPU memory, all loaded", f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB"))
             encoders.free_text_encoders()
