@@ -32,6 +32,8 @@ SHARD_COLUMNS = ["key", "image", "caption", "recaption", "recaption_short"]
 OPEN_SHARDS = 128
 _WHITESPACE = re.compile(r"\s+")
 SHUFFLES = ("rows", "row_groups")
+# What fixes an epoch's order of batches (with the index itself, named by data_version).
+_ORDER_KEYS = ("seed", "shuffle", "batch_size", "data_version")
 
 
 class DataError(ValueError):
@@ -199,10 +201,6 @@ class BucketSampler:
 
     def _order(self) -> tuple:
         return self.seed, self.shuffle, self.batch_size, self.data_version
-
-
-# What fixes an epoch's order of batches (with the index itself, named by data_version).
-_ORDER_KEYS = ("seed", "shuffle", "batch_size", "data_version")
 
 
 def _row_group_keys(index: pa.Table) -> np.ndarray:
