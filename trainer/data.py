@@ -180,7 +180,8 @@ class BucketSampler:
         - Another order (batch size, seed, shuffle or data changed): the epoch is re-drawn in the new order and
           continues at the share of it already used, so within this epoch some images repeat and some are left
           out; later epochs are whole."""
-        epoch, used, saved_per_epoch = int(state["epoch"]), int(state["batches_used"]), int(state["batches_per_epoch"])
+        epoch, saved_used, saved_per_epoch = int(state["epoch"]), int(state["batches_used"]), int(state["batches_per_epoch"])
+        used = saved_used
         saved_order = tuple(state.get(key) for key in _ORDER_KEYS)
         saved_replicas = state.get("num_replicas")
         note = None
@@ -189,7 +190,7 @@ class BucketSampler:
             used = -(-used * self.batches_per_epoch // saved_per_epoch)
             changed = ", ".join(f"{key} {a} -> {b}" for key, a, b in zip(_ORDER_KEYS, saved_order, self._order()) if a != b)
             note = (f"{changed}: epoch {epoch} is re-drawn and continues at the share already used "
-                    f"({int(state['batches_used'])} of {saved_per_epoch} batches per loader -> {used} of "
+                    f"({saved_used} of {saved_per_epoch} batches per loader -> {used} of "
                     f"{self.batches_per_epoch}); within this epoch some images repeat and some are left out")
         elif saved_replicas != self.num_replicas:
             consumed = used * int(saved_replicas)

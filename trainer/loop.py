@@ -38,7 +38,7 @@ from trainer.flow import CFGDropout, flow_loss
 from trainer.lr_schedule import build_scheduler
 from trainer.metrics import MetricsLogger
 from trainer.model import MMDiT, MMDiTConfig
-from trainer.resume import ResumePoint, fresh_seed
+from trainer.resume import ResumePoint, fresh_seed, restore_rng
 from trainer.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -156,14 +156,10 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_step, wandb_run_id = state["step"], state["wandb_run_id"]
-        own = ctx.resume.rank_state
-        if own is not None:
-            torch.set_rng_state(own["rng_cpu"])
-            generator.set_state(own["generator"])
-            if device.type == "cuda" and "rng_cuda" in own:
-                torch.cuda.set_rng_state(own["rng_cuda"], device)
+        restore_rng(ctx.resume, cfg.train.seed, ctx.rank, device)  # again: build_model seeded them
+        if ctx.resume.same_topology:
+            generator.set_state(ctx.resume.rank_state["generator"])
         else:  # another topology (see trainer.resume)
-            torch.manual_seed(fresh_seed(cfg.train.seed, "cpu", start_step, ctx.rank))  # build_model seeded it
             generator.manual_seed(fresh_seed(cfg.train.seed, "model", start_step, ctx.rank))
         if state["dataset_version"] != ctx.dataset_version:
             log.warning("resuming on dataset version %s; the checkpoint was trained on %s",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from trainer.checkpoint import load_rank_state, read_json
 from trainer.topology import Topology
@@ -63,3 +64,13 @@ def fresh_seed(seed: int, stream: str, position: int, rank: int) -> int:
     count) on another topology: distinct per stream, rank and position, the same on every resume."""
     entropy = [seed, STREAMS.index(stream), position, rank]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+def restore_rng(point: ResumePoint, seed: int, rank: int, device: torch.device) -> None:
+    """The process's global RNGs (CPU, and the rank's GPU): as saved, or on another topology seeded afresh."""
+    if not point.same_topology:
+        torch.manual_seed(fresh_seed(seed, "cpu", point.step, rank))  # seeds every GPU too
+        return
+    torch.set_rng_state(point.rank_state["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in point.rank_state:
+        torch.cuda.set_rng_state(point.rank_state["rng_cuda"], device)

@@ -34,7 +34,7 @@ from trainer.config import load_train_config
 from trainer.data import BucketSampler, open_index
 from trainer.feeder import Feeder, LocalFeeder, run_loader
 from trainer.loop import ModelRankContext, images_per_step, train_model_rank
-from trainer.resume import feeder_state, fresh_seed, resume_point
+from trainer.resume import ResumePoint, feeder_state, restore_rng, resume_point
 from trainer.topology import Topology, new_groups
 from trainer.transport import BatchReceiver
 
@@ -95,6 +95,17 @@ def _resume_dir(cfg, resume: bool) -> Path | None:
         return None
 
 
+def _warn_about_changes(cfg, topology: Topology, resume: ResumePoint) -> None:
+    if not resume.same_topology:
+        log.warning("step %d was saved on another topology (%s): weights, EMA, optimizer, schedule and step "
+                    "continue; the data position is handed over and the random streams start afresh",
+                    resume.step, resume.saved_topology.describe())
+    global_batch = images_per_step(cfg, len(topology.model_ranks))
+    if resume.images_per_step not in (None, global_batch):
+        log.warning("images per optimizer step: %d -> %d (train.lr stays %g)", resume.images_per_step, global_batch,
+                    cfg.train.lr)
+
+
 def _check_restart_store() -> None:
     """torchrun keeps one rendezvous TCPStore for every restart of a job, and its ranks use it without a
     per-attempt prefix: restarted ranks would read the dead ranks' addresses and hang connecting to them
@@ -130,14 +141,8 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         log.info("%s; data version %s; %s", topology.describe(), version,
                  f"resuming from {resume_from}" if resume_from else "starting at step 0")
-        if resume is not None and not resume.same_topology:
-            log.warning("step %d was saved on another topology (%s): weights, EMA, optimizer, schedule and step "
-                        "continue; the data position is handed over and the random streams start afresh",
-                        resume.step, resume.saved_topology.describe())
-        global_batch = images_per_step(cfg, len(topology.model_ranks))
-        if resume is not None and resume.images_per_step not in (None, global_batch):
-            log.warning("images per optimizer step: %d -> %d (train.lr stays %g)", resume.images_per_step, global_batch,
-                        cfg.train.lr)
+        if resume is not None:
+            _warn_about_changes(cfg, topology, resume)
 
     device = _device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(seconds=cfg.topology.timeout_s)
@@ -149,10 +154,7 @@ def run(args: argparse.Namespace) -> None:
 
     feeding = None
     if resume is not None:
-        if resume.same_topology:
-            torch.set_rng_state(resume.rank_state["rng_cpu"])
-        else:
-            torch.manual_seed(fresh_seed(cfg.train.seed, "cpu", resume.step, rank))
+        restore_rng(resume, cfg.train.seed, rank, device)
         if topology.runs_feeder(rank):
             feeding = feeder_state(resume, cfg.train.accumulation_steps)
     if topology.role(rank) == "loader":
