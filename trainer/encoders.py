@@ -13,23 +13,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from diffusers import AutoencoderKL
-from transformers import (
-    AutoModel,
-    AutoTokenizer,
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    Gemma2Config,
-    Gemma2Model,
-    ModernBertConfig,
-    ModernBertModel,
-)
 
 from etl.config import ConfigError, from_mapping, to_mapping
-from trainer.tokenizer import build_tokenizer
+
+# diffusers' AutoencoderKL and the transformers models are imported where they are built: model ranks import
+# this module for EncodersConfig and never build an encoder, and those imports cost every process ~3 s
+# (diffusers' autoencoders package imports all of its models; benchmarks/startup_imports.py).
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 TINY = "tiny"
 TEXT_ENCODERS = ("gemma", "bert", "clip")
@@ -129,6 +123,8 @@ TINY_VAE_CONFIG = dict(
 
 
 def _tiny_text_configs(vocab_size: int, pad: int, bos: int, eos: int) -> dict:
+    from transformers import CLIPTextConfig, Gemma2Config, ModernBertConfig
+
     ids = dict(vocab_size=vocab_size, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos)
     return {
         "gemma": Gemma2Config(
@@ -155,11 +151,17 @@ def _seeded(seed: int, build):
 
 
 def build_tiny_vae(seed: int = 0) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
     return _seeded(seed, lambda: AutoencoderKL(**TINY_VAE_CONFIG))
 
 
 def build_tiny_text_encoder(name: str, seed: int = 0):
     """(tokenizer, model) of the tiny ``gemma``, ``bert`` or ``clip`` encoder."""
+    from transformers import CLIPTextModelWithProjection, Gemma2Model, ModernBertModel
+
+    from trainer.tokenizer import build_tokenizer
+
     tokenizer = build_tokenizer()
     configs = _tiny_text_configs(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     model_cls = {"gemma": Gemma2Model, "bert": ModernBertModel, "clip": CLIPTextModelWithProjection}[name]
@@ -195,6 +197,8 @@ def load_vae(config: EncodersConfig, dtype: torch.dtype = torch.float32) -> Auto
         vae = build_tiny_vae(config.seed)
         # Cast only when needed: diffusers warns on every dtype cast of a model, even a no-op one.
         return vae if dtype == torch.float32 else vae.to(dtype)
+    from diffusers import AutoencoderKL
+
     return _from_pretrained(
         "vae", config.vae,
         # low_cpu_mem_usage=False: no warning about accelerate on every load (see trainer.checkpoint.load_model)
@@ -209,6 +213,8 @@ def load_text_encoder(name: str, config: EncodersConfig, dtype: torch.dtype = to
     if value == TINY:
         tokenizer, model = build_tiny_text_encoder(name, config.seed)
         return tokenizer, model.to(dtype)
+    from transformers import AutoModel, AutoTokenizer, CLIPTextModelWithProjection
+
     model_cls = CLIPTextModelWithProjection if name == "clip" else AutoModel
     tokenizer = _from_pretrained(name, value, lambda src, token: AutoTokenizer.from_pretrained(src, token=token))
     model = _from_pretrained(name, value, lambda src, token: model_cls.from_pretrained(src, dtype=dtype, token=token))

@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -6,6 +10,8 @@ from etl.config import ConfigError, from_mapping
 from trainer import encoders as encoders_module
 from trainer.encoders import Encoders, EncodersConfig, build_tiny_text_encoder, build_tiny_vae, register_preset
 from trainer.tokenizer import DEMO_COLOURS, DEMO_SHAPES, build_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
 
 CAPTIONS = ["a red circle on a white background", "a blue square", "Zebra crossing at night, unusual words!"]
 
@@ -180,3 +186,14 @@ def test_config_resolves_presets_and_rejects_bad_settings():
         from_mapping(EncodersConfig, {"text_dim": "wide"})
     with pytest.raises(ConfigError, match="text_dim.*narrower"):
         Encoders(EncodersConfig(preset="tiny", text_dim=32))
+
+
+def test_a_model_rank_starts_without_importing_the_encoder_libraries():
+    # Model ranks import trainer.train (and EncodersConfig through it) but never build an encoder; diffusers'
+    # autoencoders and the transformers models cost every such process seconds of start-up.
+    heavy = ["diffusers.models.autoencoders", "transformers.models.gemma2.modeling_gemma2",
+             "transformers.models.modernbert.modeling_modernbert", "transformers.models.clip.modeling_clip"]
+    probe = f"import sys, trainer.train; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
