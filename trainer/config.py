@@ -54,11 +54,16 @@ class DataSection:
     # row_groups: permutes the row groups, so a batch holds a few whole groups and each is read about once
     # an epoch (trainer.data.BucketSampler); for data that does not fit in the page cache.
     shuffle: Literal["rows", "row_groups"] = "rows"
+    # Share of the images never trained on, for the validation loss (log.val_every): chosen by a hash of
+    # each key, so the same images in every run and as the index grows (trainer/validation.py).
+    holdout_fraction: float = 0.0
 
     def __post_init__(self):
         if self.resolution < PATCH_MULTIPLE or self.resolution % PATCH_MULTIPLE:
             raise ConfigError(f"resolution: must be a positive multiple of {PATCH_MULTIPLE}, got {self.resolution}")
         _probability(self.detailed_caption_prob, "detailed_caption_prob")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(f"holdout_fraction: must be in [0, 1), got {self.holdout_fraction}")
         _at_least(self, 0, "num_workers")
 
 
@@ -190,10 +195,15 @@ class LogSection:
     eval_steps: int = 20
     eval_cfg: float = 5.0
     eval_images_per_prompt: int = 1
+    # Validation loss of the training and the EMA weights on held-out images (data.holdout_fraction) at
+    # val_timesteps fixed t, into metrics.jsonl as val_loss, val_loss_ema and val_loss/t<t>.
+    val_every: int = 0  # 0 = never
+    val_images: int = 256  # at most this many held-out images (those with the smallest key hashes)
+    val_timesteps: int = 8
 
     def __post_init__(self):
-        _at_least(self, 1, "every", "sample_steps", "eval_steps", "eval_images_per_prompt")
-        _at_least(self, 0, "sample_every", "eval_every")
+        _at_least(self, 1, "every", "sample_steps", "eval_steps", "eval_images_per_prompt", "val_images", "val_timesteps")
+        _at_least(self, 0, "sample_every", "eval_every", "val_every")
         if self.sample_every and not self.sample_prompts:
             raise ConfigError("sample_prompts: give at least one prompt when sample_every > 0")
         if self.eval_every:
@@ -231,6 +241,8 @@ class TrainConfig:
                 f"model: text_dim {model.text_dim} / text_len_per_encoder {model.text_len_per_encoder} do not match "
                 f"encoders.text_dim {self.encoders.text_dim} / encoders.text_len {self.encoders.text_len}"
             )
+        if self.log.val_every and not self.data.holdout_fraction:
+            raise ConfigError("log.val_every: the validation loss needs held-out images: set data.holdout_fraction > 0")
         if PATCH_MULTIPLE % (model.patch_size * VAE_DOWNSAMPLING):
             raise ConfigError(
                 f"model.overrides.patch_size: {model.patch_size} x VAE {VAE_DOWNSAMPLING} does not divide the bucket "

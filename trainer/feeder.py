@@ -31,6 +31,7 @@ from trainer.encoders import SEQUENCE_ENCODERS, Encoders
 from trainer.prefetch import Prefetcher
 from trainer.resume import fresh_seed
 from trainer.transport import pack_batch, send_batch, send_end, send_error
+from trainer.validation import ValidationPlan
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,22 @@ class Feeder:
         # Sent in the encoders' dtype (bf16 halves the bytes on GPU); model ranks compute the loss in fp32.
         return {"latents": latents, "text": text, "pooled": pooled}
 
+    def encode_validation(self, plan: ValidationPlan, batch_ids: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The validation batches ``batch_ids`` of ``plan``, encoded. Captions chosen with seed 0 and the VAE
+        sampled from a generator seeded by the batch number: the same inputs whatever the run's seed."""
+        dataset = BucketBatches(self.cfg.data.root, self.cfg.data.resolution, plan.index,
+                                self.cfg.data.detailed_caption_prob, seed=0)
+        encoded = []
+        with torch.no_grad():
+            for i in batch_ids:
+                item = dataset[plan.batches[i]]
+                images = to_unit_range(item["images"].to(self.device))
+                generator = torch.Generator(self.device).manual_seed(i)
+                text, pooled = self.encoders.encode_text(item["captions"])
+                encoded.append({"latents": self.encoders.encode_images(images, generator=generator), "text": text,
+                                "pooled": pooled})
+        return encoded
+
     def chunks(self, total_batches: int, on_checkpoint: Callable[[int, dict], None]) -> Iterator[list[dict]]:
         """Per batch, its ``num_chunks`` parts until ``total_batches`` batches were made in all (counting
         those before a resume). After each batch that ends a checkpoint step, ``on_checkpoint(step,
@@ -121,14 +138,21 @@ class Feeder:
 
 def run_loader(cfg: TrainConfig, models: list[int], replica: int, num_replicas: int, index: pa.Table,
                device: torch.device, state: dict | None, save_state: Callable[[int, dict], None],
-               data_version: str = "") -> None:
-    """A loader rank's whole job: feed ``models`` until every optimizer step has its batches, then send
-    them the end sentinel. On any error, tell them why (they exit non-zero) and re-raise."""
+               data_version: str = "", validation: ValidationPlan | None = None,
+               validation_shares: dict[int, list[int]] | None = None) -> None:
+    """A loader rank's whole job: send each of ``models`` its validation batches (``validation_shares``: model
+    rank -> batch numbers of ``validation``), then feed them until every optimizer step has its batches, then
+    send them the end sentinel. On any error, tell them why (they exit non-zero) and re-raise."""
     total_batches = cfg.train.total_steps * cfg.train.accumulation_steps
     timeout = timedelta(seconds=cfg.topology.timeout_s)
     in_flight: dict[int, collections.deque] = {rank: collections.deque() for rank in models}
     try:
         feeder = Feeder(cfg, index, len(models), replica, num_replicas, device, state, data_version)
+        if validation is not None:
+            for rank in models:
+                for batch in feeder.encode_validation(validation, validation_shares[rank]):
+                    part = pack_batch(batch, text_blocks=len(SEQUENCE_ENCODERS))
+                    _wait_sent((send_batch(part, rank), part), rank, timeout)
         for parts in feeder.chunks(total_batches, save_state):
             for rank, part in zip(models, parts):
                 part = pack_batch(part, text_blocks=len(SEQUENCE_ENCODERS))  # text without its zero rows

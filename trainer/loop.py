@@ -40,6 +40,7 @@ from trainer.metrics import MetricsLogger
 from trainer.model import MMDiT, MMDiTConfig
 from trainer.resume import ResumePoint, fresh_seed, restore_rng
 from trainer.topology import Topology
+from trainer.validation import ValidationSet, validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class ModelRankContext:
     resume: ResumePoint | None  # the checkpoint to continue from
     source: object  # BatchReceiver or LocalFeeder: get() -> (batch or None, seconds waited)
     run_config: dict  # the whole TrainConfig as plain values, for wandb
+    validation: ValidationSet | None = None  # this rank's share of the held-out batches
 
     @property
     def num_model_ranks(self) -> int:
@@ -207,11 +209,14 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
             dist.all_reduce(stats, group=group)
             stats /= ctx.num_model_ranks
             loss_mean = stats[0].item()
+            validation = {}
+            if ctx.validation is not None and step % cfg.log.val_every == 0:  # every model rank evaluates its share
+                validation = validation_metrics({"": model, "_ema": ema.model}, ctx.validation, device, amp_dtype, group)
             if metrics is not None:
                 values = {
                     "step": step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm.item(),
                     "images_per_s": images_per_step(cfg, ctx.num_model_ranks) / elapsed,
-                    "data_wait_frac": stats[1].item(),
+                    "data_wait_frac": stats[1].item(), **validation,
                 }
                 if evaluation is not None and step % cfg.log.eval_every == 0:
                     values |= evaluation.run(ema.model, step)

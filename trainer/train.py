@@ -37,6 +37,7 @@ from trainer.loop import ModelRankContext, images_per_step, train_model_rank
 from trainer.resume import ResumePoint, feeder_state, restore_rng, resume_point
 from trainer.topology import Topology, new_groups
 from trainer.transport import BatchReceiver
+from trainer.validation import ValidationSet, evenly_spaced_t, plan_validation, split_holdout
 
 log = logging.getLogger("trainer")
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun tells a rank to write its error
@@ -134,8 +135,11 @@ def run(args: argparse.Namespace) -> None:
     cfg = load_train_config(args.config, args.overrides)
     topology = Topology.from_config(cfg.topology, world_size)
     index = open_index(cfg.data.root, cfg.data.resolution)
+    version = dataset_version(index)  # of the whole index: what lineage records
+    index, validation = _hold_out(cfg, index, rank)
     _check_batches_fit(cfg, topology, index)
-    version = dataset_version(index)
+    # The held-out share is part of what fixes the sampler's order of batches.
+    sampler_version = f"{version}-holdout{cfg.data.holdout_fraction:g}" if cfg.data.holdout_fraction else version
     resume_from = _resume_dir(cfg, args.resume)
     resume = resume_point(resume_from, topology, rank) if resume_from is not None else None
     if rank == 0:
@@ -152,6 +156,7 @@ def run(args: argparse.Namespace) -> None:
         clean_stale_writes(cfg.checkpoint.dir)
     dist.barrier()  # nobody stages checkpoint state before the stale staging folders are gone
 
+    shares = validation.shares(topology.model_ranks) if validation is not None else None
     feeding = None
     if resume is not None:
         restore_rng(resume, cfg.train.seed, rank, device)
@@ -160,21 +165,51 @@ def run(args: argparse.Namespace) -> None:
     if topology.role(rank) == "loader":
         loaders = topology.loader_ranks
         run_loader(cfg, topology.models_of(rank), loaders.index(rank), len(loaders), index, device, feeding,
-                   lambda step, snapshot: _save_loader_state(cfg, step, rank, snapshot), version)
+                   lambda step, snapshot: _save_loader_state(cfg, step, rank, snapshot), sampler_version,
+                   validation, shares)
     else:
+        validation_batches = []
         if topology.colocated:
-            feeder = Feeder(cfg, index, 1, rank, world_size, device, feeding, version)
+            feeder = Feeder(cfg, index, 1, rank, world_size, device, feeding, sampler_version)
+            if validation is not None:
+                validation_batches = feeder.encode_validation(validation, shares[rank])
             source = LocalFeeder(feeder, cfg.train.total_steps * cfg.train.accumulation_steps, cfg.topology.prefetch)
         else:
             source = BatchReceiver(topology.loader_of(rank), cfg.topology.prefetch, device, timeout_s=cfg.topology.timeout_s)
+            if validation is not None:
+                validation_batches = [_validation_batch(source, rank) for _ in shares[rank]]
         model_ranks = topology.model_ranks
         ctx = ModelRankContext(
             rank=rank, topology=topology, group=model_group, group_rank=model_ranks.index(rank), device=device,
             dataset_version=version, resume=resume, source=source, run_config=to_mapping(cfg),
+            validation=None if validation is None else ValidationSet(
+                validation_batches, [validation.hashes[validation.batches[i]] for i in shares[rank]],
+                evenly_spaced_t(cfg.log.val_timesteps)),
         )
         train_model_rank(cfg, ctx)
     dist.barrier()  # the last checkpoint is written before any rank tears the process group down
     dist.destroy_process_group()
+
+
+def _hold_out(cfg, index, rank: int):
+    """(the rows to train on, the validation plan or None), logged by rank 0 so every row is accounted for."""
+    if not cfg.data.holdout_fraction:
+        return index, None
+    train_rows, held = split_holdout(index, cfg.data.holdout_fraction)
+    plan = plan_validation(held, cfg.log.val_images, cfg.train.batch_size) if cfg.log.val_every else None
+    if rank == 0:
+        log.info("held out %d of %d images (data.holdout_fraction %g); training on %d%s", held.num_rows,
+                 index.num_rows, cfg.data.holdout_fraction, train_rows.num_rows,
+                 f"; validation set: {plan.num_images} images in {len(plan.batches)} batches (keys {plan.fingerprint})"
+                 if plan is not None else "")
+    return train_rows, plan
+
+
+def _validation_batch(source: BatchReceiver, rank: int) -> dict:
+    batch, _ = source.get()
+    if batch is None:
+        raise RuntimeError(f"rank {rank}: the loader ended before sending its validation batches")
+    return batch
 
 
 def _save_loader_state(cfg, step: int, rank: int, snapshot: dict) -> None:

@@ -28,6 +28,7 @@ from trainer.checkpoint import load_model, load_rank_state, load_trainer_state, 
 from trainer.data import BucketSampler, open_index
 from trainer.loop import weights_sha256
 from trainer.metrics import KEYS, read_metrics
+from trainer.validation import split_holdout
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "trainer" / "train.py")
@@ -36,9 +37,10 @@ TOTAL_STEPS = 6
 
 
 def base_config(data_root: Path, run_dir: Path) -> dict:
-    """2 images per model rank, a checkpoint every 2 steps, a short timeout so faults end runs quickly."""
+    """2 images per model rank, a checkpoint every 2 steps, a short timeout so faults end runs quickly; 5 of the
+    48 images held out, 4 of them the validation set, evaluated every 3 steps at 2 timesteps."""
     return {
-        "data": {"root": str(data_root), "resolution": 64, "num_workers": 1},
+        "data": {"root": str(data_root), "resolution": 64, "num_workers": 1, "holdout_fraction": 0.05},
         "train": {"total_steps": TOTAL_STEPS, "batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine",
                   "min_lr": 1e-4, "precision": "fp32"},
         "checkpoint": {"dir": str(run_dir), "every": 2, "keep": 2},
@@ -46,7 +48,7 @@ def base_config(data_root: Path, run_dir: Path) -> dict:
         "model": {"preset": "tiny", "overrides": {"num_blocks": 2, "max_res": 64, "max_res_orig": 64}},
         "encoders": {"preset": "tiny"},
         "ema": {"every": 2, "decay": 0.9},
-        "log": {"progress": False},
+        "log": {"progress": False, "val_every": 3, "val_images": 4, "val_timesteps": 2},
     }
 
 
@@ -122,7 +124,8 @@ def kill_everything(process: subprocess.Popen) -> None:
 
 
 def losses(run_dir: Path) -> list[tuple]:
-    return [(m["step"], m["loss"], m["lr"], m["grad_norm"]) for m in read_metrics(run_dir)]
+    return [(m["step"], m["loss"], m["lr"], m["grad_norm"], m.get("val_loss"), m.get("val_loss_ema"))
+            for m in read_metrics(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +163,12 @@ def test_four_process_run_checkpoints_identical_model_ranks(reference_run):
     assert [m["step"] for m in metrics] == list(range(1, TOTAL_STEPS + 1))
     assert all(set(KEYS) <= m.keys() for m in metrics)
     assert all(0.0 <= m["data_wait_frac"] <= 1.0 and m["images_per_s"] > 0 for m in metrics)
+    validated = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in validated] == [3, 6]
+    for m in validated:
+        assert m.keys() >= {"val_loss_ema", "val_loss/t0.250", "val_loss/t0.750"}
+        assert m["val_loss"] == pytest.approx((m["val_loss/t0.250"] + m["val_loss/t0.750"]) / 2)
+        assert 0 < m["val_loss"] < 10 and 0 < m["val_loss_ema"] < 10
     meta = json.loads((step_dir / "meta.json").read_text())
     assert meta["step"] == TOTAL_STEPS and meta["loss"] == metrics[-1]["loss"] and meta["dataset_version"]
     assert meta["topology"] == {"world_size": 4, "colocated": False, "loader_to_model": {"0": [1, 2, 3]}}
@@ -184,8 +193,9 @@ def test_two_loaders_each_feed_their_own_model_ranks_as_in_the_reference_map(dat
     loaders = [load_rank_state(step_dir, rank) for rank in (0, 1)]
     assert all(state["role"] == "loader" and state["feeder"]["batches"] == 4 for state in loaders)
     assert all(state["feeder"]["sampler"]["shuffle"] == "row_groups" for state in loaders)
-    # each loader's epoch is its half of the 4-image batches (2 model ranks x 2 images) of the whole index
-    whole = BucketSampler(open_index(data_root, 64), 4, seed=0).batches_per_epoch
+    # each loader's epoch is its half of the 4-image batches (2 model ranks x 2 images) of the rows not held out
+    train_rows, _ = split_holdout(open_index(data_root, 64), config["data"]["holdout_fraction"])
+    whole = BucketSampler(train_rows, 4, seed=0).batches_per_epoch
     assert [state["feeder"]["sampler"]["batches_per_epoch"] for state in loaders] == [whole // 2] * 2
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -327,6 +337,7 @@ def test_colocated_single_process_run_without_torchrun_samples_while_training(da
     state = load_rank_state(step_dir, 0)
     assert state["role"] == "model" and state["feeder"]["batches"] == 3 * 2  # 2 micro-batches a step
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
+    assert read_metrics(run_dir)[-1]["val_loss"] > 0  # the colocated rank encoded its own validation batches
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002_0.png", "step_0000002_1.png"]
 
 
