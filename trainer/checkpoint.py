@@ -30,6 +30,9 @@ from etl.storage import write_atomic
 from trainer.encoders import EncodersConfig
 from trainer.model import MMDiT
 
+# The latest validation loss a checkpoint carries in its meta.json (trainer.loop), and so in Dagster.
+VALIDATION_KEYS = ("val_loss", "val_loss_ema", "val_step")
+
 LATEST = "latest"
 STEP_PREFIX = "step_"
 
@@ -270,9 +273,10 @@ def load_rank_state(step_dir: str | os.PathLike, rank: int) -> dict:
 
 
 def checkpoint_metadata(step_dir: str | os.PathLike) -> dict:
-    """step, loss and dataset_version of a saved checkpoint (the Dagster ``checkpoint`` asset's metadata)."""
+    """step, loss and dataset_version of a saved checkpoint, and its latest validation loss when the run has one
+    (the Dagster ``checkpoint`` asset's metadata)."""
     meta = read_json(step_dir, "meta.json")
     missing = {"step", "loss", "dataset_version"} - meta.keys()
     if missing:
         raise CheckpointNotFoundError(f"{resolve_checkpoint(step_dir)}/meta.json lacks {sorted(missing)}")
-    return {key: meta[key] for key in ("step", "loss", "dataset_version")}
+    return {key: meta[key] for key in ("step", "loss", "dataset_version", *VALIDATION_KEYS) if key in meta}

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from etl.storage import write_atomic
 from trainer.checkpoint import (
+    VALIDATION_KEYS,
     CheckpointWriteError,
     write_text_atomic,
     load_trainer_state,
@@ -179,6 +180,9 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
     sampler = _Sampler(cfg, pipelines) if ctx.group_rank == 0 and cfg.log.sample_every else None
     evaluation = TrainingEvaluation(cfg, pipelines) if ctx.group_rank == 0 and cfg.log.eval_every else None
 
+    last_validation = {}  # what the next checkpoint's meta.json records; a resumed run starts from its checkpoint's
+    if ctx.resume is not None:
+        last_validation = {k: v for k, v in checkpoint_metadata(ctx.resume.step_dir).items() if k in VALIDATION_KEYS}
     try:
         ddp.train()
         for step in range(start_step + 1, cfg.train.total_steps + 1):
@@ -212,6 +216,8 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
             validation = {}
             if ctx.validation is not None and step % cfg.log.val_every == 0:  # every model rank evaluates its share
                 validation = validation_metrics({"": model, "_ema": ema.model}, ctx.validation, device, amp_dtype, group)
+                last_validation = {"val_loss": validation["val_loss"], "val_loss_ema": validation["val_loss_ema"],
+                                   "val_step": step}
             if metrics is not None:
                 values = {
                     "step": step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm.item(),
@@ -225,7 +231,7 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
                 sampler.log(ema.model, metrics, step)
             if is_checkpoint_step(step, cfg.checkpoint.every, cfg.train.total_steps):
                 _checkpoint(cfg, ctx, step, loss_mean, model, ema, optimizer, scheduler, scaler, generator,
-                            metrics.run_id if metrics is not None else None)
+                            metrics.run_id if metrics is not None else None, last_validation)
         ctx.source.close()
     finally:
         if metrics is not None:
@@ -233,7 +239,7 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
 
 
 def _checkpoint(cfg, ctx: ModelRankContext, step, loss, model, ema, optimizer, scheduler, scaler, generator,
-                wandb_run_id) -> None:
+                wandb_run_id, validation: dict) -> None:
     own = {"role": "model", "rng_cpu": torch.get_rng_state(), "generator": generator.get_state(),
            "weights_sha256": weights_sha256(model)}
     if ctx.device.type == "cuda":
@@ -248,7 +254,8 @@ def _checkpoint(cfg, ctx: ModelRankContext, step, loss, model, ema, optimizer, s
     trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "wandb_run_id": wandb_run_id, "dataset_version": ctx.dataset_version}
     meta = {"loss": loss, "dataset_version": ctx.dataset_version, "resolution": cfg.data.resolution,
-            "topology": ctx.topology.to_record(), "images_per_step": images_per_step(cfg, ctx.num_model_ranks)}
+            "topology": ctx.topology.to_record(), "images_per_step": images_per_step(cfg, ctx.num_model_ranks),
+            **validation}
     step_dir = save_checkpoint(cfg.checkpoint.dir, step, model, ema.model, cfg.encoders, meta, trainer_state, rank_files,
                                cfg.checkpoint.keep)
     log.info("saved %s", step_dir)

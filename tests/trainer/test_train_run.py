@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from tests.trainer.demo_dataset import build_demo_dataset
-from trainer.checkpoint import load_model, load_rank_state, load_trainer_state, resolve_checkpoint
+from trainer.checkpoint import checkpoint_metadata, load_model, load_rank_state, load_trainer_state, resolve_checkpoint
 from trainer.data import BucketSampler, open_index
 from trainer.loop import weights_sha256
 from trainer.metrics import KEYS, read_metrics
@@ -238,6 +238,11 @@ def test_checkpoints_recorded_in_dagster(reference_run):
     metadata = event.asset_materialization.metadata
     assert metadata["step"].value == TOTAL_STEPS
     assert metadata["dataset_version"].value == json.loads((resolve_checkpoint(run_dir) / "meta.json").read_text())["dataset_version"]
+    # the checkpoint at step 6 carries the validation loss of step 6; the one at step 4 that of step 3
+    validated = {m["step"]: m for m in read_metrics(run_dir) if "val_loss" in m}
+    assert metadata["val_loss"].value == validated[6]["val_loss"] and metadata["val_step"].value == 6
+    older = json.loads((run_dir / "step_0000004" / "meta.json").read_text())
+    assert (older["val_loss_ema"], older["val_step"]) == (validated[3]["val_loss_ema"], 3)
 
 
 def test_checkpoint_samples_with_the_cli(reference_run, tmp_path):
@@ -261,6 +266,8 @@ def _resume_and_compare(config: Path, run_dir: Path, reference_dir: Path) -> Non
     result = run(torchrun_command(4, config, "--resume"))
     assert result.returncode == 0, result.stderr[-5000:]
     assert losses(run_dir) == losses(reference_dir)  # bitwise: floats compared exactly
+    for step in ("step_0000004", "step_0000006"):  # with the validation loss each carries
+        assert checkpoint_metadata(run_dir / step) == checkpoint_metadata(reference_dir / step)
 
 
 def _kill_when(process: subprocess.Popen, ready, timeout: float = 300, kill=kill_everything) -> None:
