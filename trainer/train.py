@@ -37,7 +37,7 @@ from trainer.loop import ModelRankContext, images_per_step, train_model_rank
 from trainer.resume import ResumePoint, feeder_state, restore_rng, resume_point
 from trainer.topology import Topology, new_groups
 from trainer.transport import BatchReceiver
-from trainer.validation import ValidationSet, evenly_spaced_t, plan_validation, split_holdout
+from trainer.validation import plan_validation, split_holdout
 
 log = logging.getLogger("trainer")
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun tells a rank to write its error
@@ -182,9 +182,8 @@ def run(args: argparse.Namespace) -> None:
         ctx = ModelRankContext(
             rank=rank, topology=topology, group=model_group, group_rank=model_ranks.index(rank), device=device,
             dataset_version=version, resume=resume, source=source, run_config=to_mapping(cfg),
-            validation=None if validation is None else ValidationSet(
-                validation_batches, [validation.hashes[validation.batches[i]] for i in shares[rank]],
-                evenly_spaced_t(cfg.log.val_timesteps)),
+            validation=None if validation is None else validation.validation_set(shares[rank], validation_batches,
+                                                                                 cfg.log.val_timesteps),
         )
         train_model_rank(cfg, ctx)
     dist.barrier()  # the last checkpoint is written before any rank tears the process group down

@@ -89,6 +89,10 @@ class ValidationPlan:
         """{global model rank: the batch numbers it evaluates}, dealt round-robin in model-rank order."""
         return {rank: list(range(i, len(self.batches), len(model_ranks))) for i, rank in enumerate(model_ranks)}
 
+    def validation_set(self, batch_ids: list[int], encoded: list[dict[str, torch.Tensor]], timesteps: int) -> ValidationSet:
+        """A model rank's ``ValidationSet``: its batches ``batch_ids``, ``encoded`` in that order."""
+        return ValidationSet(encoded, [self.hashes[self.batches[i]] for i in batch_ids], evenly_spaced_t(timesteps))
+
 
 def plan_validation(val_index: pa.Table, images: int, batch_size: int) -> ValidationPlan:
     """The ``images`` held-out rows with the smallest key hashes, by bucket, in batches of ``batch_size``."""
