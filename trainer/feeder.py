@@ -83,9 +83,10 @@ class Feeder:
                           pin_memory=self.device.type == "cuda")
 
     @torch.no_grad()
-    def encode(self, item: dict) -> dict[str, torch.Tensor]:
+    def encode(self, item: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``item`` of ``BucketBatches`` encoded; the VAE samples from ``generator``, by default the feeder's."""
         images = to_unit_range(item["images"].to(self.device, non_blocking=True))
-        latents = self.encoders.encode_images(images, generator=self.generator)
+        latents = self.encoders.encode_images(images, generator=generator or self.generator)
         text, pooled = self.encoders.encode_text(item["captions"])
         # Sent in the encoders' dtype (bf16 halves the bytes on GPU); model ranks compute the loss in fp32.
         return {"latents": latents, "text": text, "pooled": pooled}
@@ -95,16 +96,8 @@ class Feeder:
         sampled from a generator seeded by the batch number: the same inputs whatever the run's seed."""
         dataset = BucketBatches(self.cfg.data.root, self.cfg.data.resolution, plan.index,
                                 self.cfg.data.detailed_caption_prob, seed=0)
-        encoded = []
-        with torch.no_grad():
-            for i in batch_ids:
-                item = dataset[plan.batches[i]]
-                images = to_unit_range(item["images"].to(self.device))
-                generator = torch.Generator(self.device).manual_seed(i)
-                text, pooled = self.encoders.encode_text(item["captions"])
-                encoded.append({"latents": self.encoders.encode_images(images, generator=generator), "text": text,
-                                "pooled": pooled})
-        return encoded
+        return [self.encode(dataset[plan.batches[i]], generator=torch.Generator(self.device).manual_seed(i))
+                for i in batch_ids]
 
     def chunks(self, total_batches: int, on_checkpoint: Callable[[int, dict], None]) -> Iterator[list[dict]]:
         """Per batch, its ``num_chunks`` parts until ``total_batches`` batches were made in all (counting
