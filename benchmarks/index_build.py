@@ -7,6 +7,7 @@ rows with tiny payloads, and on a larger tiny-payload set (--scale-rows-per-shar
 
     .venv/bin/python benchmarks/index_build.py                      # ~1 GB of shards, a few minutes
     .venv/bin/python benchmarks/index_build.py --shards 100 --rows-per-shard 400
+    .venv/bin/python benchmarks/index_build.py --layouts            # the bucketed layouts, before vs now
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from etl.buckets import bucket_order, write_bucketed
 from etl.index import bucket_histogram, build_index, duplicate_keys
 from etl.schema import CANONICAL, conform
 from etl.storage import write_parquet_atomic
@@ -30,24 +32,72 @@ from etl.storage import write_parquet_atomic
 TARGET_ROWS = 25_000_000
 CHUNK = 10_000
 BUCKETS = [(256, 256), (256, 192), (192, 256), (256, 128), (128, 256), (256, 176), (176, 256)]
+# Rows a row group that write_bucketed picks for the photo-like PNGs of each resolution (docs/benchmarks.md,
+# "Bucket shard reads"): the layouts whose many small groups the index build pays for.
+LAYOUT_ROWS_PER_GROUP = {256: 66, 512: 17, 1024: 5}
+
+
+def shard_table(shard: int, rows: int, payload_bytes: int, rng: np.random.Generator) -> pa.Table:
+    choice = rng.integers(0, len(BUCKETS), rows)
+    table = pa.table(
+        {
+            "key": [f"src-{shard * rows + i:09d}" for i in range(rows)],
+            "caption": ["a photo of something"] * rows,
+            "image": [os.urandom(payload_bytes) for _ in range(rows)],
+            "height": [BUCKETS[c][0] for c in choice],
+            "width": [BUCKETS[c][1] for c in choice],
+        }
+    )
+    return conform(table, CANONICAL)
 
 
 def write_shards(folder: Path, shards: int, rows_per_shard: int, payload_bytes: int, seed: int = 0) -> list[Path]:
     rng = np.random.default_rng(seed)
-    paths = []
+    return [write_parquet_atomic(shard_table(s, rows_per_shard, payload_bytes, rng), folder / f"{s:05d}.parquet")
+            for s in range(shards)]
+
+
+def write_layouts(folder: Path, shards: int, rows_per_shard: int, rows_per_group: int) -> dict[str, list[Path]]:
+    """The same tiny-payload shards in the bucketed layout with ``rows_per_group`` rows a group, written
+    by ``write_bucketed`` (ours) and by its codec before (key/height/width in zstd like the other columns)."""
+    rng = np.random.default_rng(0)
+    paths: dict[str, list[Path]] = {"zstd (before)": [], "uncompressed (write_bucketed)": []}
     for s in range(shards):
-        choice = rng.integers(0, len(BUCKETS), rows_per_shard)
-        table = pa.table(
-            {
-                "key": [f"src-{s * rows_per_shard + i:09d}" for i in range(rows_per_shard)],
-                "caption": ["a photo of something"] * rows_per_shard,
-                "image": [os.urandom(payload_bytes) for _ in range(rows_per_shard)],
-                "height": [BUCKETS[c][0] for c in choice],
-                "width": [BUCKETS[c][1] for c in choice],
-            }
-        )
-        paths.append(write_parquet_atomic(conform(table, CANONICAL), folder / f"{s:05d}.parquet"))
+        table = shard_table(s, rows_per_shard, 16, rng)
+        name = f"{s:05d}.parquet"
+        ordered = table.take(pa.array(bucket_order(table), pa.int64()))
+        paths["zstd (before)"].append(write_parquet_atomic(
+            ordered, folder / "before" / name, row_group_size=rows_per_group, uncompressed=("image",),
+            statistics=("height", "width")))
+        group_bytes = rows_per_group * (table["image"].nbytes // table.num_rows)
+        paths["uncompressed (write_bucketed)"].append(write_bucketed(table, folder / "ours" / name, group_bytes))
     return paths
+
+
+def layout_builds(work: Path, shards: int, rows_per_shard: int, repeats: int) -> None:
+    """Index build over shards in the pipeline's bucketed layouts (rows a group as ``write_bucketed`` picks
+    them for the demo-like PNGs of benchmarks/bucket_reads.py), before and after the index columns skipped
+    zstd; both layouts timed alternately, cold, median of ``repeats``."""
+    print(f"{'layout':>8} {'rows a group':>13} {'codec of key/height/width':>32} {'build s':>9} {'ns/row':>8} "
+          f"{'25M rows s':>11} {'ratio':>7}")
+    for resolution, rows_per_group in LAYOUT_ROWS_PER_GROUP.items():
+        layouts = write_layouts(work / f"layout_{resolution}", shards, rows_per_shard, rows_per_group)
+        os.sync()
+        seconds: dict[str, list[float]] = {name: [] for name in layouts}
+        indexes = {}
+        for _ in range(repeats):
+            for name, paths in layouts.items():
+                evict_from_page_cache(paths)
+                indexes[name], elapsed = timed(build_index, paths)
+                seconds[name].append(elapsed)
+        before, ours = (indexes[name] for name in layouts)
+        assert before.equals(ours)
+        medians = {name: float(np.median(s)) for name, s in seconds.items()}
+        baseline = medians["zstd (before)"]
+        for name, median in medians.items():
+            per_row = median / ours.num_rows
+            print(f"{resolution:>8} {rows_per_group:>13} {name:>32} {median:>9.3f} {per_row * 1e9:>8.0f} "
+                  f"{per_row * TARGET_ROWS:>11.1f} {baseline / median:>6.2f}x")
 
 
 def evict_from_page_cache(paths: list[Path]) -> None:
@@ -139,10 +189,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="cold runs of ours; the median is reported")
     parser.add_argument("--key-check-rows", type=int, default=5_000_000,
                         help="keys for the uniqueness check (25000000: the reference scale, ~3 GiB for the set); 0 skips")
+    parser.add_argument("--layouts", action="store_true",
+                        help="only the index build over the bucketed layouts at 256/512/1024, codec before vs now")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="index_bench_", dir=args.workdir))
     try:
+        if args.layouts:
+            layout_builds(work, args.shards, args.scale_rows_per_shard, args.repeats)
+            return
         rows = args.shards * args.rows_per_shard
         heavy = write_shards(work / "heavy", args.shards, args.rows_per_shard, args.payload_kb * 1024)
         light = write_shards(work / "light", args.shards, args.rows_per_shard, 16)

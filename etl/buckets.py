@@ -20,6 +20,7 @@ from PIL import Image
 
 from etl.config import BucketConfig
 from etl.images import ImageRejected, decode, open_image, oriented_size, to_rgb
+from etl.index import INDEX_COLUMNS
 from etl.schema import CANONICAL, StepResult, conform, make_rejects
 from etl.storage import write_parquet_atomic
 
@@ -40,6 +41,8 @@ _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # 128 rows of 512 px PNGs are. More groups cost footer, which statistics dominate: only the bucket sizes
 # keep theirs (nothing reads the others). Images skip zstd: it gains under 1% on PNG/JPEG/WebP bytes and
 # costs a pass over every group read. Measured in benchmarks/bucket_reads.py (docs/benchmarks.md).
+# The index build's columns (key, height, width) skip it too: a few hundred bytes a group, where Arrow's
+# zstd set-up per column chunk made the build 3.6-4.7x slower (benchmarks/index_build.py --layouts).
 ROW_GROUP_BYTES = 8 * 2**20
 ROW_GROUP_ROWS = (4, 128)
 
@@ -148,4 +151,4 @@ def write_bucketed(table: pa.Table, path, row_group_bytes: int = ROW_GROUP_BYTES
     at a time (see ROW_GROUP_BYTES)."""
     ordered = table.take(pa.array(bucket_order(table), pa.int64()))
     return write_parquet_atomic(ordered, path, row_group_size=row_group_rows(table, row_group_bytes),
-                                uncompressed=("image",), statistics=("height", "width"))
+                                uncompressed=("image", *INDEX_COLUMNS), statistics=("height", "width"))

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from etl.buckets import ROW_GROUP_BYTES, bucket_order, bucket_shard, bucket_size, encode_image, row_group_rows, write_bucketed
 from etl.config import BucketConfig
 from etl.images import ImageRejected, to_rgb
+from etl.index import INDEX_COLUMNS
 from etl.schema import CANONICAL, conform
 from etl.storage import read_parquet
 from tests.etl.bad_images import BAD_IMAGES, MARKER, UPRIGHT_HEIGHT, UPRIGHT_WIDTH, canonical_table
@@ -175,15 +176,17 @@ def _shard_of(image_bytes: int, rows: int):
 
 @pytest.mark.parametrize("image_kib, expected_rows", [(2, 128), (256, 32), (3000, 4)])
 def test_bucketed_shards_hold_about_row_group_bytes_of_images_a_row_group(tmp_path, image_kib, expected_rows):
-    """Rows a group follow the images' size within the bounds; only the images skip zstd; only the bucket
-    sizes keep statistics. The rows themselves come back unchanged."""
+    """Rows a group follow the images' size within the bounds; only the images and the index build's columns
+    skip zstd; only the bucket sizes keep statistics. The rows themselves come back unchanged."""
     table = _shard_of(image_kib * 1024, 40)
     assert row_group_rows(table) == expected_rows == min(max(round(ROW_GROUP_BYTES / (image_kib * 1024)), 4), 128)
     path = write_bucketed(table, tmp_path / "00000.parquet")
     meta = pq.ParquetFile(path).metadata
     assert meta.row_group(0).num_rows == min(expected_rows, 40)
     columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
-    assert columns["image"].compression == "UNCOMPRESSED" and columns["recaption"].compression == "ZSTD"
+    assert sorted(name for name, chunk in columns.items() if chunk.compression == "UNCOMPRESSED") == sorted(
+        ["image", *INDEX_COLUMNS])
+    assert columns["recaption"].compression == "ZSTD"
     assert [name for name, chunk in columns.items() if chunk.is_stats_set] == ["width", "height"]
     assert read_parquet(path).equals(table.take(bucket_order(table)))
 
