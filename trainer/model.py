@@ -342,6 +342,19 @@ class MMDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"unknown MMDiT preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**dataclasses.asdict(dataclasses.replace(PRESETS[name], **overrides)))
 
+    def compile_blocks(self, dynamic: bool = True) -> None:
+        """torch.compile each joint block in place, as torchtitan compiles each transformer block. The blocks
+        share their code, so inductor compiles one graph for them all and one for the last block (it has no
+        text output), for training and for no-grad passes: four graphs, and on 2 CPU cores about a minute
+        whatever the depth, where the whole model took 94 s at 2 blocks and 206 s at 8
+        (benchmarks/compile_blocks.py). Dynamic shapes from the start, because buckets change the image
+        token count: dynamo's default compiles for the first size and again, dynamic, for the next, which
+        made 8 graphs over three sizes and a no-grad pass at 8 blocks: its limit per function, past which it
+        runs the function uncompiled.
+        ``dynamic=False`` compiles for each size (a benchmark of one size, to price the dynamic graphs)."""
+        for block in self.blocks:
+            block.compile(dynamic=dynamic)
+
     @property
     def mmdit_config(self) -> MMDiTConfig:
         return self._mmdit_config
@@ -397,6 +410,10 @@ class MMDiT(ModelMixin, ConfigMixin):
         if cfg.positional_encoding == "rope2d":
             angles = rope2d_angles(rows, cols, cfg.head_dim, cfg.rope_theta)
             rope = (angles.cos(), angles.sin())
+            for table in rope:
+                # The channel axis is the head size's: static, so that compiling the blocks with dynamic shapes
+                # (compile_blocks) cannot take it for the token axis when the two sizes happen to be equal.
+                torch._dynamo.mark_static(table, 1)
         elif cfg.positional_encoding == "absolute":
             tokens = tokens + sincos_2d(rows, cols, cfg.dim).to(tokens.dtype)
 

@@ -1,14 +1,15 @@
 """Training-step throughput and MFU of the reference-1.2b MMDiT on one GPU (bf16 autocast, fused AdamW).
 
 For 256 and 512 px images it times full training steps (rectified-flow loss with CFG dropout, backward,
-optimizer step) for each variant: attention through SDPA as PyTorch picks it, SDPA held to cuDNN's kernel,
-or flash-attn (when installed), activation checkpointing on/off, torch.compile (per block) on/off, batch
-sizes, and prints a markdown table of images/s, tokens/s, TFLOP/s and MFU. One row is also profiled:
-device time by category (matmul, attention, fused elementwise, optimizer, other), the top kernels, and
-how much of the wall time the GPU computed at all -- where the missing MFU goes.
-A variant that fails (out of memory, no flash-attn, a compile error) is reported and the script goes on;
-it always exits 0. Model FLOPs are counted explicitly (matmuls and attention, the formula is printed);
-MFU = model FLOPs per second / the GPU's dense bf16 peak, with recomputation not counted as useful work.
+optimizer step) for each variant: attention through SDPA as PyTorch picks it, SDPA held to cuDNN's
+kernel, or flash-attn (when installed), activation checkpointing on/off, torch.compile (per block, with
+dynamic shapes as the trainer does, or static) on/off, batch sizes, and prints a markdown table of
+images/s, tokens/s, TFLOP/s and MFU. One row is also profiled: device time by category (matmul,
+attention, fused elementwise, optimizer, other), the top kernels, and how much of the wall time the GPU
+computed at all -- where the missing MFU goes. A variant that fails (out of memory, no flash-attn, a
+compile error) is reported and the script goes on; it always exits 0. Model FLOPs are counted explicitly
+(matmuls and attention, the formula is printed); MFU = model FLOPs per second / the GPU's dense bf16
+peak, with recomputation not counted as useful work.
 
     python benchmarks/gpu/model_step.py                    # H100/H200, the default rows, about 4 minutes
     python benchmarks/gpu/model_step.py --runs 512:48:sdpa+compile 512:48:cudnn+compile --profile 512:48:cudnn+compile
@@ -66,41 +67,47 @@ ATTENTIONS = ("sdpa", "cudnn", "flash")  # SDPA as PyTorch picks it, SDPA held t
 @dataclass(frozen=True)
 class Run:
     """One table row, written RESOLUTION:BATCH:VARIANT, the variant an attention with optional +ckpt
-    (activation checkpointing of attention and MLP) and +compile (torch.compile per block):
-    "512:32:sdpa+compile", "256:64:cudnn+ckpt+compile"."""
+    (activation checkpointing of attention and MLP), +compile (the trainer's torch.compile per block, with
+    dynamic shapes) and +static (compiled for the one size instead): "512:32:sdpa+compile",
+    "256:64:cudnn+ckpt+compile", "512:32:sdpa+compile+static"."""
 
     resolution: int
     batch: int
     attention: str
     checkpointing: bool
     compiled: bool
+    static: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> Run:
         try:
             resolution, batch, variant = spec.split(":")
             attention, *flags = variant.split("+")
-            run = cls(int(resolution), int(batch), attention, "ckpt" in flags, "compile" in flags)
+            run = cls(int(resolution), int(batch), attention, "ckpt" in flags, "compile" in flags, "static" in flags)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{spec!r}: expected RESOLUTION:BATCH:ATTENTION[+ckpt][+compile]") from None
-        if attention not in ATTENTIONS or set(flags) - {"ckpt", "compile"}:
-            raise argparse.ArgumentTypeError(f"{spec!r}: attention is one of {ATTENTIONS}, flags ckpt and compile")
+            raise argparse.ArgumentTypeError(
+                f"{spec!r}: expected RESOLUTION:BATCH:ATTENTION[+ckpt][+compile[+static]]") from None
+        if attention not in ATTENTIONS or set(flags) - {"ckpt", "compile", "static"}:
+            raise argparse.ArgumentTypeError(f"{spec!r}: attention is one of {ATTENTIONS}, flags ckpt, compile, static")
+        if run.static and not run.compiled:
+            raise argparse.ArgumentTypeError(f"{spec!r}: static is a way to compile: it needs +compile")
         return run
 
     @property
     def name(self) -> str:
-        return f"{self.attention}{' + ckpt' if self.checkpointing else ''}{' + compile' if self.compiled else ''}"
+        return f"{self.attention}{' + ckpt' if self.checkpointing else ''}{' + compile' if self.compiled else ''}" \
+               f"{' (static)' if self.static else ''}"
 
     @property
     def spec(self) -> str:
         return f"{self.resolution}:{self.batch}:{self.attention}{'+ckpt' if self.checkpointing else ''}" \
-               f"{'+compile' if self.compiled else ''}"
+               f"{'+compile' if self.compiled else ''}{'+static' if self.static else ''}"
 
 
 def default_runs(flash_installed: bool) -> list[Run]:
     """Eager baselines first (quick), then the compiled rows, the one closest to the MFU goal first, so a run
     cut short by its time limit still has the rows that matter."""
-    specs = ["512:16:sdpa", "256:64:sdpa", "512:32:sdpa+compile", "512:32:cudnn+compile"]
+    specs = ["512:16:sdpa", "256:64:sdpa", "512:32:sdpa+compile", "512:32:sdpa+compile+static", "512:32:cudnn+compile"]
     specs += ["512:32:flash+compile"] if flash_installed else []
     specs += ["512:16:sdpa+compile", "512:32:sdpa+ckpt+compile", "256:64:sdpa+compile"]
     return [Run.parse(spec) for spec in specs]
@@ -165,8 +172,7 @@ def run_variant(args, run: Run, device: torch.device, profile_it: bool) -> dict:
         model = MMDiT.from_preset(args.preset, attention="flash" if run.attention == "flash" else "sdpa",
                                   checkpoint_attn=run.checkpointing, checkpoint_mlp=run.checkpointing).train()
     if run.compiled:
-        for block in model.blocks:  # per-block compilation: identical blocks share one compiled graph
-            block.compile()
+        model.compile_blocks(dynamic=not run.static)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     cfg = model.mmdit_config
     g = torch.Generator(device).manual_seed(0)

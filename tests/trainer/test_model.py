@@ -185,6 +185,27 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_compiled_blocks_match_eager_over_bucket_sizes_in_four_graphs():
+    """compile_blocks: the same outputs and gradients as eager for several image sizes and a no-grad pass,
+    from one graph for the blocks and one for the last block, each with and without grad; a new bucket size
+    compiles nothing more."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = small_model().train()
+    compiled = small_model().train()
+    compiled.compile_blocks()
+    for height, width in [(8, 8), (4, 12), (10, 6), (6, 6)]:
+        batch = inputs(eager, height=height, width=width)
+        for model in (eager, compiled):
+            model.zero_grad()
+            model(*batch).square().mean().backward()
+        for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=f"{name} at {height}x{width}")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(*batch), eager(*batch), rtol=1e-4, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+
+
 def test_last_block_has_no_unused_text_output_parameters():
     model = small_model().train()
     x, t, text, pooled = inputs(model)
@@ -269,7 +290,9 @@ def test_gpu_benchmark_rows_parse_from_their_spec():
     run_cls = _gpu_benchmark().Run
     run = run_cls.parse("512:32:cudnn+ckpt+compile")
     assert (run.resolution, run.batch, run.attention, run.checkpointing, run.compiled) == (512, 32, "cudnn", True, True)
-    assert run.spec == "512:32:cudnn+ckpt+compile" and run.name == "cudnn + ckpt + compile"
-    for bad in ("512:32", "512:x:sdpa", "512:32:xformers", "512:32:sdpa+fast"):
+    assert run.spec == "512:32:cudnn+ckpt+compile" and run.name == "cudnn + ckpt + compile" and not run.static
+    static = run_cls.parse("512:32:sdpa+compile+static")
+    assert static.static and static.spec == "512:32:sdpa+compile+static" and static.name == "sdpa + compile (static)"
+    for bad in ("512:32", "512:x:sdpa", "512:32:xformers", "512:32:sdpa+fast", "512:32:sdpa+static"):
         with pytest.raises(argparse.ArgumentTypeError):
             run_cls.parse(bad)

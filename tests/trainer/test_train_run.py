@@ -331,10 +331,11 @@ def test_torchrun_restarts_every_rank_when_one_dies_and_they_continue_exactly(re
 
 
 def test_colocated_single_process_run_without_torchrun_samples_while_training(data_root, tmp_path):
+    """With train.compile: the compiled blocks train and score the validation set (the EMA copy samples)."""
     run_dir = tmp_path / "run"
     config = base_config(data_root, run_dir)
     config["topology"] = {"colocated": True, "prefetch": 1, "timeout_s": 20}
-    config["train"].update(total_steps=3, accumulation_steps=2)
+    config["train"].update(total_steps=3, accumulation_steps=2, compile=True)
     config["log"].update(sample_every=2, sample_prompts=["a red circle", "a blue square"], sample_steps=2)
     result = run([sys.executable, TRAIN, "--config", str(write_config(tmp_path / "train.yaml", config)),
                   "checkpoint.every=3"])
