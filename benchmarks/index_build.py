@@ -75,9 +75,8 @@ def write_layouts(folder: Path, shards: int, rows_per_shard: int, rows_per_group
 
 
 def layout_builds(work: Path, shards: int, rows_per_shard: int, repeats: int) -> None:
-    """Index build over shards in the pipeline's bucketed layouts (rows a group as ``write_bucketed`` picks
-    them for the demo-like PNGs of benchmarks/bucket_reads.py), before and after the index columns skipped
-    zstd; both layouts timed alternately, cold, median of ``repeats``."""
+    """Index build over shards in the pipeline's bucketed layouts (LAYOUT_ROWS_PER_GROUP), before and after
+    the index columns skipped zstd; both layouts timed alternately, cold, median of ``repeats``."""
     print(f"{'layout':>8} {'rows a group':>13} {'codec of key/height/width':>32} {'build s':>9} {'ns/row':>8} "
           f"{'25M rows s':>11} {'ratio':>7}")
     for resolution, rows_per_group in LAYOUT_ROWS_PER_GROUP.items():

@@ -42,7 +42,7 @@ _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # keep theirs (nothing reads the others). Images skip zstd: it gains under 1% on PNG/JPEG/WebP bytes and
 # costs a pass over every group read. Measured in benchmarks/bucket_reads.py (docs/benchmarks.md).
 # The index build's columns (key, height, width) skip it too: a few hundred bytes a group, where Arrow's
-# zstd set-up per column chunk made the build 3.6-4.7x slower (benchmarks/index_build.py --layouts).
+# zstd set-up per column chunk made the build 2.1-3.4x slower (benchmarks/index_build.py --layouts).
 ROW_GROUP_BYTES = 8 * 2**20
 ROW_GROUP_ROWS = (4, 128)
 
