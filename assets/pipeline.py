@@ -22,7 +22,7 @@ from PIL import Image
 from etl.accounting import check_accounting, reject_where
 from etl.buckets import bucket_shard, bucket_size, write_bucketed
 from etl.download import download_shard
-from etl.filter import duplicate_winners, filter_shard, hash_candidates
+from etl.filter import HASH_CANDIDATE_COLUMNS, duplicate_winners, filter_shard, hash_candidates
 from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys
 from etl.invariants import bucketed_violations
 from etl.recaption import get_captioner, recaption_shard
@@ -125,7 +125,8 @@ def build_pipeline_assets(resolutions: list[int]) -> list[dg.AssetsDefinition]:
         present = [s for s in layout.shards() if layout.downloaded(s).exists()]
         missing = len(layout.shards()) - len(present)
         candidates = (
-            hash_candidates(read_parquet(layout.downloaded(s), columns=None), cfg.filter) for s in present
+            hash_candidates(read_parquet(layout.downloaded(s), columns=HASH_CANDIDATE_COLUMNS), cfg.filter)
+            for s in present
         )
         winners = duplicate_winners(candidates)
         write_parquet_atomic(winners, layout.duplicate_winners())

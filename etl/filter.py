@@ -20,6 +20,8 @@ from etl.schema import StepResult, make_rejects
 
 STAGE = "filter"
 WINNERS = pa.schema([("sha256", pa.string()), ("key", pa.string())])
+# What ``hash_candidates`` reads of a downloaded shard: a few bytes a row, where the images are ~100 KB.
+HASH_CANDIDATE_COLUMNS = ["key", "sha256", "punsafe", "pwatermark"]
 # Decode JPEGs at a reduced DCT scale, no smaller than this: every byte is still decoded.
 _DRAFT_SIZE = (64, 64)
 
@@ -41,7 +43,9 @@ def _passes_thresholds(table: pa.Table, cfg: FilterConfig) -> pa.Array:
 
 
 def hash_candidates(downloaded: pa.Table, cfg: FilterConfig) -> pa.Table:
-    """(key, sha256) of the rows that pass the metadata thresholds and have a content hash."""
+    """(key, sha256) of the rows that pass the metadata thresholds and have a content hash.
+
+    ``downloaded`` needs only the ``HASH_CANDIDATE_COLUMNS``."""
     keep = pc.and_(_passes_thresholds(downloaded, cfg), pc.is_valid(downloaded["sha256"]))
     return downloaded.select(["key", "sha256"]).filter(keep)
 

@@ -3,7 +3,7 @@ import io
 from PIL import Image
 
 from etl.config import FilterConfig
-from etl.filter import duplicate_winners, filter_shard, hash_candidates
+from etl.filter import HASH_CANDIDATE_COLUMNS, duplicate_winners, filter_shard, hash_candidates
 from etl.schema import CANONICAL
 from tests.etl.bad_images import BAD_IMAGES, UPRIGHT_HEIGHT, UPRIGHT_WIDTH, canonical_table, webp
 
@@ -57,6 +57,8 @@ def test_metadata_thresholds_nulls_pass_and_none_disables():
         "k0": "kept", "k1": "punsafe", "k2": "pwatermark", "k3": "kept", "k4": "kept"
     }
     assert hash_candidates(table, cfg)["key"].to_pylist() == ["k0", "k3", "k4"]
+    # What the content_hashes asset reads of a shard: the same candidates without the images.
+    assert hash_candidates(table.select(HASH_CANDIDATE_COLUMNS), cfg).equals(hash_candidates(table, cfg))
     no_limits = FilterConfig(min_side=16, max_punsafe=None, max_pwatermark=None)
     assert set(_outcomes(filter_shard(table, None, no_limits)).values()) == {"kept"}
     assert hash_candidates(table, no_limits).num_rows == 5
