@@ -10,6 +10,7 @@ previews as metadata. Assets write their own files (paths from etl.layout), so n
 import base64
 import hashlib
 import io
+import json
 import shutil
 import time
 import warnings
@@ -20,15 +21,16 @@ import pyarrow as pa
 from PIL import Image
 
 from etl.accounting import check_accounting, reject_where
-from etl.buckets import bucket_shard, bucket_size, write_bucketed
+from etl.buckets import bucket_shard, bucket_size, bucket_stage, write_bucketed
 from etl.download import download_shard
-from etl.filter import HASH_CANDIDATE_COLUMNS, duplicate_winners, filter_shard, hash_candidates
+from etl.config import PipelineConfig
+from etl.filter import HASH_CANDIDATE_COLUMNS, dedup_version, duplicate_winners, filter_shard, hash_candidates
 from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys
 from etl.invariants import bucketed_violations
 from etl.recaption import get_captioner, recaption_shard
 from etl.schema import StepResult
 from etl.sources import write_url_shards
-from etl.storage import read_parquet, write_parquet_atomic
+from etl.storage import content_version, read_parquet, read_parquet_versioned, write_parquet_atomic
 from orchestration import partitions
 from orchestration.resources import PipelineResource
 
@@ -39,14 +41,43 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 # Bump when a stage's code changes what it writes, so Dagster marks its outputs stale.
 CODE_VERSION = "1"
 GROUP = "data"
+SHARD_STAGES = ("downloaded", "filtered", "recaptioned", "bucketed")
+
+
+def stage_code_versions(config: PipelineConfig) -> dict[str, str]:
+    """Each per-shard stage's code version: CODE_VERSION and a digest of the settings its output depends on.
+
+    A changed setting makes that stage's outputs stale, in the UI and for `sd3 data run`. Settings that only
+    change speed or where work runs (processes, threads, timeouts, batch sizes, devices) are left out, so
+    tuning them never re-downloads or recaptions a dataset.
+    """
+    download, filters, recaption, buckets = config.download, config.filter, config.recaption, config.buckets
+    captioner = ["backend"] if recaption.backend == "alt-text" else [
+        "backend", "vlm", "llm", "vlm_prompt", "llm_prompt", "llm_system_prompt", "max_new_tokens",
+        "short_max_new_tokens", "max_image_side", "dtype"]
+    settings = {
+        "downloaded": {"encode_format": download.encode_format,
+                       "disallowed_header_directives": download.disallowed_header_directives},
+        "filtered": {"min_side": filters.min_side, "max_punsafe": filters.max_punsafe,
+                     "max_pwatermark": filters.max_pwatermark, "dedup": filters.dedup,
+                     "smallest_resolution": min(buckets.resolutions), "multiple": buckets.multiple},
+        "recaptioned": {name: getattr(recaption, name) for name in captioner},
+        "bucketed": {"format": buckets.format, "multiple": buckets.multiple,
+                     **({} if buckets.format == "png" else {"quality": buckets.quality})},
+    }
+    return {stage: f"{CODE_VERSION}-{hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]}"
+            for stage, values in settings.items()}
 
 
 def file_version(*paths: Path) -> dg.DataVersion:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return dg.DataVersion(digest.hexdigest()[:16])
+    return dg.DataVersion(content_version(*paths))
+
+
+def provenance(inputs: dict[str, str], *outputs: Path) -> dict:
+    """What `sd3 data run` compares before running a shard's stage again (orchestration/freshness.py): the
+    versions of the inputs this materialization read, and the size and mtime of the files it wrote."""
+    stats = {str(path): [path.stat().st_size, path.stat().st_mtime_ns] for path in outputs}
+    return {"inputs": dg.MetadataValue.json(inputs), "outputs": dg.MetadataValue.json(stats)}
 
 
 def write_step(result: StepResult, kept_path: Path, rejects_path: Path, write_kept=write_parquet_atomic) -> None:
@@ -80,9 +111,11 @@ def thumbnails(table: pa.Table, count: int = 4, side: int = 96) -> dg.MetadataVa
     return dg.MetadataValue.md("\n\n".join(cells) or "(no rows)")
 
 
-def build_pipeline_assets(resolutions: list[int]) -> list[dg.AssetsDefinition]:
+def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
+    resolutions = config.buckets.resolutions
     shards = partitions.shards
     by_resolution = partitions.shard_by_resolution(resolutions)
+    versions = stage_code_versions(config)
 
     @dg.asset(group_name=GROUP, code_version=CODE_VERSION, kinds={"parquet"})
     def url_shards(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
@@ -99,20 +132,20 @@ def build_pipeline_assets(resolutions: list[int]) -> list[dg.AssetsDefinition]:
             data_version=file_version(*[layout.urls(k) for k in keys]) if keys else dg.DataVersion("empty"),
         )
 
-    @dg.asset(group_name=GROUP, code_version=CODE_VERSION, partitions_def=shards, deps=[url_shards],
+    @dg.asset(group_name=GROUP, code_version=versions["downloaded"], partitions_def=shards, deps=[url_shards],
               kinds={"parquet"})
     def downloaded(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
         """Images fetched by img2dataset with their original bytes; failures become rejects with reasons."""
         shard, layout = context.partition_key, pipeline.layout
-        urls = read_parquet(layout.urls(shard))
+        urls, urls_version = read_parquet_versioned(layout.urls(shard))
         start = time.perf_counter()
         result = download_shard(urls, layout.work("download", shard), pipeline.config.download)
         check_accounting(urls["key"], result, "download")
-        write_step(result, layout.downloaded(shard), layout.rejects("download", shard))
-        return dg.MaterializeResult(
-            metadata=step_metadata(result, urls.num_rows, time.perf_counter() - start, layout.downloaded(shard)),
-            data_version=file_version(layout.downloaded(shard)),
-        )
+        out, rejects = layout.downloaded(shard), layout.rejects("download", shard)
+        write_step(result, out, rejects)
+        metadata = step_metadata(result, urls.num_rows, time.perf_counter() - start, out)
+        metadata.update(provenance({"urls": urls_version}, out, rejects))
+        return dg.MaterializeResult(metadata=metadata, data_version=file_version(out))
 
     @dg.asset(group_name=GROUP, code_version=CODE_VERSION, deps=[downloaded], kinds={"parquet"})
     def content_hashes(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
@@ -137,12 +170,12 @@ def build_pipeline_assets(resolutions: list[int]) -> list[dg.AssetsDefinition]:
             data_version=file_version(layout.duplicate_winners()),
         )
 
-    @dg.asset(group_name=GROUP, code_version=CODE_VERSION, partitions_def=shards,
+    @dg.asset(group_name=GROUP, code_version=versions["filtered"], partitions_def=shards,
               deps=[downloaded, content_hashes], kinds={"parquet"})
     def filtered(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
         """Undecodable, too small, unsafe, watermarked and duplicate images removed."""
         shard, layout, cfg = context.partition_key, pipeline.layout, pipeline.config
-        table = read_parquet(layout.downloaded(shard))
+        table, downloaded_version = read_parquet_versioned(layout.downloaded(shard))
         start = time.perf_counter()
         winners = read_parquet(layout.duplicate_winners()) if cfg.filter.dedup else None
         result = filter_shard(table, winners, cfg.filter)
@@ -156,32 +189,35 @@ def build_pipeline_assets(resolutions: list[int]) -> list[dg.AssetsDefinition]:
         result = reject_where(result, unbucketable, "filter", "too_small_for_bucket",
                               f"a side rounds to 0 at resolution {smallest}")
         check_accounting(table["key"], result, "filter")
-        write_step(result, layout.filtered(shard), layout.rejects("filter", shard))
-        return dg.MaterializeResult(
-            metadata=step_metadata(result, table.num_rows, time.perf_counter() - start, layout.filtered(shard)),
-            data_version=file_version(layout.filtered(shard)),
-        )
+        out, rejects = layout.filtered(shard), layout.rejects("filter", shard)
+        write_step(result, out, rejects)
+        metadata = step_metadata(result, table.num_rows, time.perf_counter() - start, out)
+        metadata.update(provenance({"downloaded": downloaded_version,
+                                    "dedup": dedup_version(table, winners, cfg.filter)}, out, rejects))
+        return dg.MaterializeResult(metadata=metadata, data_version=file_version(out))
 
-    @dg.asset(group_name=GROUP, code_version=CODE_VERSION, partitions_def=shards, deps=[filtered],
+    @dg.asset(group_name=GROUP, code_version=versions["recaptioned"], partitions_def=shards, deps=[filtered],
               pool="recaption", kinds={"parquet"})
     def recaptioned(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
         """A detailed and a short caption per image (VLM then LLM; `alt-text` for smoke runs)."""
         shard, layout, cfg = context.partition_key, pipeline.layout, pipeline.config
-        table = read_parquet(layout.filtered(shard))
+        table, filtered_version = read_parquet_versioned(layout.filtered(shard))
         start = time.perf_counter()
         work = layout.work("recaption", shard)
         result = recaption_shard(table, cfg.recaption, work, captioner=get_captioner(cfg.recaption))
         check_accounting(table["key"], result, "recaption")
-        write_step(result, layout.recaptioned(shard), layout.rejects("recaption", shard))
+        out, rejects = layout.recaptioned(shard), layout.rejects("recaption", shard)
+        write_step(result, out, rejects)
         shutil.rmtree(work, ignore_errors=True)
-        metadata = step_metadata(result, table.num_rows, time.perf_counter() - start, layout.recaptioned(shard))
+        metadata = step_metadata(result, table.num_rows, time.perf_counter() - start, out)
         metadata.update(result.stats.as_metadata())
         metadata["backend"] = cfg.recaption.backend
-        return dg.MaterializeResult(metadata=metadata, data_version=file_version(layout.recaptioned(shard)))
+        metadata.update(provenance({"filtered": filtered_version}, out, rejects))
+        return dg.MaterializeResult(metadata=metadata, data_version=file_version(out))
 
     @dg.asset(
         group_name=GROUP,
-        code_version=CODE_VERSION,
+        code_version=versions["bucketed"],
         partitions_def=by_resolution,
         deps=[dg.AssetDep(recaptioned, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("shard"))],
         check_specs=[dg.AssetCheckSpec("bucket_invariants", asset="bucketed", blocking=True,
@@ -193,17 +229,18 @@ def build_pipeline_assets(resolutions: list[int]) -> list[dg.AssetsDefinition]:
         """Images resized into aspect-ratio buckets (height, width) with the long side at most R."""
         shard, resolution = partitions.split_multi_key(context.partition_key)
         layout, cfg = pipeline.layout, pipeline.config
-        table = read_parquet(layout.recaptioned(shard))
+        table, recaptioned_version = read_parquet_versioned(layout.recaptioned(shard))
         start = time.perf_counter()
         result = bucket_shard(table, resolution, cfg.buckets)
-        check_accounting(table["key"], result, f"bucket_{resolution}")
-        out = layout.bucketed(resolution, shard)
-        write_step(result, out, layout.rejects(f"bucket_{resolution}", shard), write_kept=write_bucketed)
+        check_accounting(table["key"], result, bucket_stage(resolution))
+        out, rejects = layout.bucketed(resolution, shard), layout.rejects(bucket_stage(resolution), shard)
+        write_step(result, out, rejects, write_kept=write_bucketed)
         violations = bucketed_violations(result.kept, resolution, cfg.buckets.multiple)
         metadata = step_metadata(result, table.num_rows, time.perf_counter() - start, out)
         metadata["bucket_histogram"] = dg.MetadataValue.json(bucket_histogram(
             result.kept.select(["key", "height", "width"])))
         metadata["preview"] = thumbnails(result.kept)
+        metadata.update(provenance({"recaptioned": recaptioned_version}, out, rejects))
         return dg.MaterializeResult(
             metadata=metadata,
             data_version=file_version(out),

@@ -24,7 +24,6 @@ from etl.index import INDEX_COLUMNS
 from etl.schema import CANONICAL, StepResult, conform, make_rejects
 from etl.storage import write_parquet_atomic
 
-STAGE = "bucket"
 # A JPEG decodes at a DCT scale no smaller than DRAFT_GAP x the bucket, other formats box-reduce down to
 # REDUCING_GAP x the bucket, then LANCZOS finishes. Measured on photo-like 1-4 MP JPEGs at 256: draft gap
 # 1.5 stays >= 43 dB PSNR against a full-resolution LANCZOS while 1.25 drops to 33 dB
@@ -93,6 +92,11 @@ def resize_to_bucket(data: bytes, resolution: int, multiple: int = 16) -> Image.
     return rgb.resize((bucket_width, bucket_height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
 
 
+def bucket_stage(resolution: int) -> str:
+    """The stage name of bucketing at one resolution: its rejects' stage and folder."""
+    return f"bucket_{resolution}"
+
+
 def bucket_shard(table: pa.Table, resolution: int, cfg: BucketConfig) -> StepResult:
     """Every row resized into its bucket and re-encoded in ``cfg.format``; width/height = the bucket."""
     images, widths, heights, kept_rows = [], [], [], []
@@ -118,7 +122,7 @@ def bucket_shard(table: pa.Table, resolution: int, cfg: BucketConfig) -> StepRes
     rejects = make_rejects(
         table["key"].take(pa.array(reject_rows, pa.int64())).to_pylist(),
         table["url"].take(pa.array(reject_rows, pa.int64())).to_pylist(),
-        STAGE,
+        bucket_stage(resolution),
         reasons,
         details,
     )

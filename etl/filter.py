@@ -7,6 +7,7 @@ Dedup is two-pass so it is right whatever order shards are filtered in: ``hash_c
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable
 
 import numpy as np
@@ -27,11 +28,13 @@ _DRAFT_SIZE = (64, 64)
 
 
 def _threshold_reasons(table: pa.Table, cfg: FilterConfig) -> list[tuple[str, pa.Array, float]]:
-    """(reason, column, limit) for each enabled metadata threshold."""
+    """(reason, column, limit) for each enabled metadata threshold. A NaN score is unknown, as a null is:
+    lists written by Spark, polars or numpy carry NaN where LAION's have nulls."""
     checks = []
     for reason, limit in (("punsafe", cfg.max_punsafe), ("pwatermark", cfg.max_pwatermark)):
         if limit is not None and reason in table.column_names:
-            checks.append((reason, table[reason], limit))
+            column = table[reason]
+            checks.append((reason, pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column), limit))
     return checks
 
 
@@ -77,6 +80,17 @@ def _duplicate_of(table: pa.Table, winners: pa.Table) -> list[str | None]:
         winner if winner is not None and winner != key else None
         for key, winner in zip(joined["key"].to_list(), joined["key_winner"].to_list())
     ]
+
+
+def dedup_version(hashes: pa.Table, winners: pa.Table | None, cfg: FilterConfig) -> str:
+    """A digest of the duplicate decisions ``filter_shard`` takes for these rows (``hashes``: key, sha256).
+
+    It names only the winners this shard's images meet, so the winners of a newly downloaded shard do
+    not make every other shard's filter output stale."""
+    if not cfg.dedup or winners is None:
+        return "off"
+    decisions = "\n".join(winner or "" for winner in _duplicate_of(hashes, winners))
+    return hashlib.sha256(decisions.encode()).hexdigest()[:16]
 
 
 def filter_shard(downloaded: pa.Table, winners: pa.Table | None, cfg: FilterConfig) -> StepResult:

@@ -60,6 +60,10 @@ def open_image(data: bytes) -> Image.Image:
 def oriented_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after the EXIF orientation is applied; needs no decode."""
     width, height = img.size
+    if img.format == "TIFF" and getattr(img, "_tile_size", img.size) != img.size:
+        # Pillow (11.1+) reports a TIFF's size upright already, and turns its pixels upright as it loads them.
+        # Its stored size is only in a private attribute; without it (older Pillow) the size is as stored.
+        return width, height
     with _rejecting("read EXIF"):
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)

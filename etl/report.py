@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from etl.buckets import bucket_stage
 from etl.layout import DataLayout
 
 
@@ -44,10 +45,15 @@ def _keys(paths) -> pl.DataFrame:
 def pipeline_report(layout: DataLayout, resolutions: list[int]) -> PipelineReport:
     shards = layout.shards()
     inputs = _keys(layout.urls(s) for s in shards)["key"]
-    reject_files = sorted((layout.root / "rejects").glob("*/*.parquet"))
+    # The stage is the rejects' folder (rejects/<stage>/<shard>.parquet): bucket rejects are per resolution
+    # there (bucket_256, ...), and older bucket shards say only "bucket" in their stage column.
+    stages = [(folder.name, sorted(folder.glob("*.parquet")))
+              for folder in sorted((layout.root / "rejects").glob("*")) if folder.is_dir()]
+    frames = [pl.scan_parquet([str(p) for p in files]).select("key", "reason").with_columns(stage=pl.lit(stage))
+              for stage, files in stages if files]
     rejects = (
-        pl.scan_parquet([str(p) for p in reject_files]).select("key", "stage", "reason").collect()
-        if reject_files else pl.DataFrame(schema={"key": pl.String, "stage": pl.String, "reason": pl.String})
+        pl.concat(frames).select("key", "stage", "reason").collect()
+        if frames else pl.DataFrame(schema={"key": pl.String, "stage": pl.String, "reason": pl.String})
     )
     counts = rejects.group_by("stage", "reason").len()
     report = PipelineReport(
@@ -59,7 +65,7 @@ def pipeline_report(layout: DataLayout, resolutions: list[int]) -> PipelineRepor
         kept = _keys(p for s in shards if (p := layout.bucketed(resolution, s)).exists())["key"]
         report.kept[resolution] = len(kept)
         # Rows rejected at another resolution's bucket stage still count as rejected only there.
-        other_bucket_stages = [f"bucket_{r}" for r in resolutions if r != resolution]
+        other_bucket_stages = [bucket_stage(r) for r in resolutions if r != resolution]
         rejected = rejects.filter(~pl.col("stage").is_in(other_bucket_stages))["key"]
         placed = pl.concat([kept, rejected])
         report.unaccounted[resolution] = inputs.filter(~inputs.is_in(placed)).head(5).to_list()

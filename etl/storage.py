@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -54,3 +55,31 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> p
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as err:
         raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err
+
+
+def content_version(*paths: str | os.PathLike) -> str:
+    """A short digest of the files' bytes: each stage's data version, and how it records the inputs it read."""
+    digests = []
+    for path in paths:
+        with open(path, "rb") as f:
+            digests.append(hashlib.file_digest(f, "sha256").digest())
+    return _short_digest(digests)
+
+
+def _short_digest(file_digests: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(file_digests)).hexdigest()[:16]
+
+
+def read_parquet_versioned(path: str | os.PathLike) -> tuple[pa.Table, str]:
+    """The table and the ``content_version`` of the very bytes it was read from: one open file, so a file
+    replaced meanwhile (writes are renames) cannot pair one version's rows with another's digest."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"shard not found: {path}")
+    with open(path, "rb") as f:
+        digest = _short_digest([hashlib.file_digest(f, "sha256").digest()])
+        f.seek(0)
+        try:
+            return pq.read_table(f), digest
+        except (pa.ArrowInvalid, OSError) as err:
+            raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err

@@ -31,7 +31,7 @@ def cmd_data_run(args) -> int:
 
     dagster_home()
     try:
-        report = run_pipeline(args.config)
+        report = run_pipeline(args.config, force=True if args.force == [] else (args.force or False))
     except (PipelineError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"sd3 data run: {err}", file=sys.stderr)
         return 1
@@ -75,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="the data pipeline").add_subparsers(dest="data_command", required=True)
-    run = data.add_parser("run", help="materialize every asset for every partition through Dagster")
+    run = data.add_parser("run", help="materialize, through Dagster, every asset for every partition not up to date")
     run.add_argument("--config", required=True, help="pipeline YAML (see configs/data/)")
+    run.add_argument("--force", nargs="*", metavar="STAGE",
+                     help="materialize these stages (asset names; none given: every stage) for every partition, "
+                          "up to date or not")
     run.set_defaults(func=cmd_data_run)
 
     demo = data.add_parser("demo-source", help="generate the coloured-shapes demo dataset")

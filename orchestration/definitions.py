@@ -21,14 +21,16 @@ from orchestration.resources import PipelineResource
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "demo.yaml"
 CONFIG_ENV = "SD3_PIPELINE_CONFIG"
 
-# One job per partitioning, in the order `sd3 data run` launches them (each stage waits for the last).
+# One job per stage, in the order `sd3 data run` launches them (each stage waits for the last). A stage
+# job holds one asset, so `sd3 data run` can skip each shard's stages one by one (orchestration/freshness.py).
 STAGE_JOBS = (
-    ("url_shards_job", ["url_shards"], None),
-    ("download_job", ["downloaded"], "shard"),
-    ("hashes_job", ["content_hashes"], None),
-    ("caption_job", ["filtered", "recaptioned"], "shard"),
-    ("bucket_job", ["bucketed"], "shard_resolution"),
-    ("index_job", ["bucket_index"], "resolution"),
+    ("url_shards_job", "url_shards", None),
+    ("download_job", "downloaded", "shard"),
+    ("hashes_job", "content_hashes", None),
+    ("filter_job", "filtered", "shard"),
+    ("recaption_job", "recaptioned", "shard"),
+    ("bucket_job", "bucketed", "shard_resolution"),
+    ("index_job", "bucket_index", "resolution"),
 )
 
 
@@ -39,17 +41,16 @@ def config_path() -> str:
 @cache
 def build_definitions(path: str) -> dg.Definitions:
     config = PipelineConfig.from_yaml(path)
-    assets = build_pipeline_assets(config.buckets.resolutions)
-    selections = {name: keys for name, keys, _ in STAGE_JOBS} | {"recaption_job": ["recaptioned"]}
-    # Each stage job's steps depend on each other, so a run has nothing to parallelize: in-process execution
+    assets = build_pipeline_assets(config)
+    # A stage job runs one asset for one partition, so a run has nothing to parallelize: in-process execution
     # saves a Python + dagster start per step (the demo pipeline: 54 s -> 39 s). Runs stay separate
     # processes (`sd3 data run`'s pool, the daemon's run launcher) and pools still apply. Captioning keeps a
     # process per step: it is where models are loaded, and a step's exit is what frees their GPU memory
     # before the next shard's run lands in the same worker.
     isolated = dg.multiprocess_executor.configured({"max_concurrent": 1})
-    jobs = {name: dg.define_asset_job(name, selection=dg.AssetSelection.assets(*keys),
-                                      executor_def=isolated if "recaptioned" in keys else None)
-            for name, keys in selections.items()}
+    jobs = {name: dg.define_asset_job(name, selection=dg.AssetSelection.assets(asset),
+                                      executor_def=isolated if asset == "recaptioned" else None)
+            for name, asset, _ in STAGE_JOBS}
     sensors, schedules = build_automation(config, jobs)
     return dg.Definitions(
         assets=[*assets, CHECKPOINT],

@@ -1,8 +1,11 @@
 """`sd3 data run`: materialize every asset for every partition through Dagster, stage by stage.
 
 Dagster runs target one partition each, so a stage is one run per partition, up to `concurrency` runs
-at a time; a run executes its steps in the worker that launched it, except captioning (see
-``orchestration.definitions``). Runs are launched from worker processes, not
+at a time. A shard's stage that is up to date (orchestration/freshness.py) is skipped, so a run that
+failed or was stopped continues where it was, and a grown URL list costs only its new shards; `force`
+runs stages regardless. The global assets (url_shards, content_hashes, bucket_index) always run: they are
+cheap, and they are what notices new shards. A run executes its steps in the worker that launched it,
+except captioning (see ``orchestration.definitions``). Runs are launched from worker processes, not
 threads: Dagster's run setup reconfigures Python logging and deadlocks against a concurrent run in the
 same process. Every run lands in the instance under DAGSTER_HOME, so `dagster dev` on the same home
 shows the lineage and metadata of what this command did.
@@ -12,16 +15,19 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import dagster as dg
 
+from assets.pipeline import SHARD_STAGES
 from etl.config import PipelineConfig
 from etl.layout import DataLayout
 from etl.report import PipelineReport, pipeline_report
 from orchestration import partitions
 from orchestration.definitions import CONFIG_ENV, STAGE_JOBS, build_definitions
+from orchestration.freshness import Freshness
 
 
 class PipelineError(RuntimeError):
@@ -83,8 +89,9 @@ def execute_partition(job_name: str, tags: dict[str, str]) -> list[str]:
         return [] if result.success else _failure_messages(result)
 
 
-def run_pipeline(config_path: str | Path, log=print) -> PipelineReport:
-    """Materialize every stage for every partition in the Dagster instance under DAGSTER_HOME."""
+def run_pipeline(config_path: str | Path, log=print, force: bool | Collection[str] = False) -> PipelineReport:
+    """Materialize every stage for every partition that is not up to date, in the Dagster instance under
+    DAGSTER_HOME. ``force``: True, or the names of the assets to materialize for every partition."""
     config_path = str(Path(config_path).resolve())
     config = PipelineConfig.from_yaml(config_path)
     # Pool workers and captioning's step processes rebuild the definitions from this variable.
@@ -94,11 +101,22 @@ def run_pipeline(config_path: str | Path, log=print) -> PipelineReport:
         instance.event_log_storage.set_concurrency_slots("recaption", recaption_pool_limit(config))
     layout = DataLayout(config.root)
 
+    stages = [name for _, name, _ in STAGE_JOBS]
+    forced = set(stages) if force is True else set(force or ())
+    if forced - set(stages):
+        raise ValueError(f"force: no stage named {sorted(forced - set(stages))} (the stages: {', '.join(stages)})")
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, config.concurrency), mp_context=context) as pool:
-        for job_name, asset_keys, kind in STAGE_JOBS:
+    with (dg.DagsterInstance.get() as instance,
+          ProcessPoolExecutor(max_workers=max(1, config.concurrency), mp_context=context) as pool):
+        freshness = Freshness(instance, config)
+        for job_name, asset, kind in STAGE_JOBS:
             keys = _partition_keys(kind, config, layout)
-            log(f"[{job_name}] {', '.join(asset_keys)}: {len(keys)} run(s)")
+            if asset in SHARD_STAGES and asset not in forced:
+                stale = freshness.to_run(asset, keys)
+                log(f"[{job_name}] {asset}: {len(stale)} of {len(keys)} run(s), {len(keys) - len(stale)} up to date")
+                keys = stale
+            else:
+                log(f"[{job_name}] {asset}: {len(keys)} run(s)")
             runs = [(key, pool.submit(execute_partition, job_name, _tags(kind, key, config))) for key in keys]
             failures = [f"partition {key}: {m}" for key, run in runs for m in run.result()]
             if failures:

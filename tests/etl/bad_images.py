@@ -80,6 +80,12 @@ def exif_rotated_jpeg() -> bytes:
     return _save(stored, "JPEG", quality=95, exif=exif.tobytes())
 
 
+def exif_rotated_tiff() -> bytes:
+    """The same as a TIFF, which Pillow (11.1+) reports upright already and turns upright as it loads."""
+    stored = _picture().transpose(Image.Transpose.ROTATE_90)
+    return _save(stored, "TIFF", tiffinfo={0x0112: 6})
+
+
 def one_pixel_png() -> bytes:
     return _save(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG")
 
@@ -122,6 +128,7 @@ BAD_IMAGES: dict[str, tuple[bytes, str, str]] = {
     "animated_gif": (animated_gif(), "image/gif", "kept"),
     "webp": (webp(), "image/webp", "kept"),
     "exif_rotated_jpeg": (exif_rotated_jpeg(), "image/jpeg", "kept"),
+    "exif_rotated_tiff": (exif_rotated_tiff(), "image/tiff", "kept"),
     "one_pixel_png": (one_pixel_png(), "image/png", "too_small"),
     "sliver_png": (sliver_png(), "image/png", "too_small"),
     "bomb_png": (bomb_png(), "image/png", "decompression_bomb"),

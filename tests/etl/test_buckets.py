@@ -74,7 +74,7 @@ def test_every_bad_image_through_bucket_shard():
     outcomes.update(zip(result.rejects["key"].to_pylist(), result.rejects["reason"].to_pylist()))
     assert outcomes == BUCKET_OUTCOMES
     assert result.kept.num_rows + result.rejects.num_rows == table.num_rows
-    assert set(result.rejects["stage"].to_pylist()) == {"bucket"}
+    assert set(result.rejects["stage"].to_pylist()) == {"bucket_256"}
     assert result.kept.schema == CANONICAL
 
     originals = {row["key"]: row for row in table.to_pylist()}
@@ -101,7 +101,8 @@ def _kept_image(name: str, resolution: int = 256, **cfg) -> Image.Image:
     return _decoded(result.kept["image"][0].as_py())
 
 
-@pytest.mark.parametrize("name", ["exif_rotated_jpeg", "cmyk_jpeg", "webp", "animated_gif", "rgba_png"])
+@pytest.mark.parametrize("name", ["exif_rotated_jpeg", "exif_rotated_tiff", "cmyk_jpeg", "webp", "animated_gif",
+                                  "rgba_png"])
 def test_stored_upright_portrait_with_the_marker_top_left(name):
     img = _kept_image(name)
     assert (img.height, img.width) == (UPRIGHT_HEIGHT, UPRIGHT_WIDTH)  # 144 x 96 is already a bucket

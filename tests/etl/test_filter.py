@@ -1,5 +1,6 @@
 import io
 
+import pytest
 from PIL import Image
 
 from etl.config import FilterConfig
@@ -64,10 +65,21 @@ def test_metadata_thresholds_nulls_pass_and_none_disables():
     assert hash_candidates(table, no_limits).num_rows == 5
 
 
-def test_min_side_uses_the_upright_size():
-    table = canonical_table({"rotated": BAD_IMAGES["exif_rotated_jpeg"][0]})
+def test_nan_scores_are_unknown_for_the_thresholds_and_the_dedup_alike():
+    same = _photo((7, 7, 7))
+    table = canonical_table({"k0": same, "k1": same, "k2": _photo((9, 0, 0))},
+                            punsafe=[float("nan"), float("nan"), 0.9], pwatermark=[float("nan")] * 3)
+    cfg = FilterConfig(min_side=16, max_punsafe=0.5, max_pwatermark=0.8)
+    winners = duplicate_winners([hash_candidates(table, cfg)])
+    assert _outcomes(filter_shard(table, winners, cfg)) == {"k0": "kept", "k1": "duplicate", "k2": "punsafe"}
+
+
+@pytest.mark.parametrize("name", ["exif_rotated_jpeg", "exif_rotated_tiff"])
+def test_min_side_and_the_recorded_size_are_upright(name):
+    table = canonical_table({"rotated": BAD_IMAGES[name][0]})
     assert _outcomes(filter_shard(table, None, FilterConfig(min_side=100))) == {"rotated": "too_small"}
-    assert _outcomes(filter_shard(table, None, FilterConfig(min_side=96))) == {"rotated": "kept"}
+    kept = filter_shard(table, None, FilterConfig(min_side=96)).kept
+    assert (kept["width"].to_pylist(), kept["height"].to_pylist()) == ([96], [144])
 
 
 def _two_shards():

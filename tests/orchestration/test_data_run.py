@@ -91,8 +91,10 @@ def finished_run(tmp_path_factory):
         layout = DataLayout(tmp / "run")
         digests = {p: hashlib.sha256(p.read_bytes()).hexdigest()
                    for p in sorted((tmp / "run").glob("[bi]*/**/*.parquet"))}
-        second = sd3("data", "run", "--config", str(config), home=home)
+        # Forced, so every stage runs again (a plain rerun skips what is up to date: test_incremental_run.py).
+        second = sd3("data", "run", "--config", str(config), "--force", home=home)
         assert second.returncode == 0, second.stdout + second.stderr
+        assert "[bucket_job] bucketed: " in second.stdout and "up to date" not in second.stdout, second.stdout
     expected = {f"web-{i:09d}": r[3] for i, r in enumerate(rows)}
     return dict(layout=layout, home=home, expected=expected, first=first, digests=digests)
 
