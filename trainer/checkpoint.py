@@ -156,7 +156,7 @@ def load_model(
     folder = step_dir / "ema" if prefer_ema and (step_dir / "ema").is_dir() else step_dir / "model"
     # diffusers' default low_cpu_mem_usage wants accelerate and warns on every load without it; loading is
     # as fast without (a 300M-parameter MMDiT: 0.03 s either way).
-    model = MMDiT.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=False)
+    model = MMDiT.from_pretrained(folder, low_cpu_mem_usage=False).to_inference_dtype(dtype)
     return model.to(device).eval().requires_grad_(False)
 
 

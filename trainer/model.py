@@ -121,7 +121,9 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(self.frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = sinusoidal_embedding(t * self.scale, self.frequency_dim)
+        # In fp32 (MMDiT.to_inference_dtype keeps this module fp32): bf16 holds only multiples of 4 between
+        # 512 and 1024, which would put the fastest sinusoids up to 2 radians off at t = 1.
+        emb = sinusoidal_embedding(t.float() * self.scale.float(), self.frequency_dim)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
@@ -392,6 +394,14 @@ class MMDiT(ModelMixin, ConfigMixin):
             pooled = pooled.masked_fill(drop_pooled.to(pooled.device, torch.bool)[:, None], 0.0)
         return text, pooled
 
+    def to_inference_dtype(self, dtype: torch.dtype) -> "MMDiT":
+        """Cast for sampling in ``dtype``, the time embedding kept in fp32: cast too, the learned time scale
+        would round to a multiple of 4 in bf16 (see TimeEmbedding). Training casts nothing (autocast)."""
+        kept = {name: value.clone() for name, value in self.time_embed.state_dict().items()}
+        self.to(dtype)
+        self.time_embed.float().load_state_dict(kept)
+        return self
+
     def forward(self, x, t, text, pooled, drop_text=None, drop_pooled=None) -> torch.Tensor:
         self._check_inputs(x, t, text, pooled)
         cfg, p = self._mmdit_config, self._mmdit_config.patch_size
@@ -403,7 +413,8 @@ class MMDiT(ModelMixin, ConfigMixin):
         patches = x.reshape(batch, channels, grid_h, p, grid_w, p).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
         tokens = self.patch_embed(patches.to(dtype))
         context = self.text_embed(text.to(dtype))
-        cond = F.silu(self.time_embed(t) + self.pooled_embed(pooled.to(dtype)))  # SiLU once, shared by all adaLNs
+        pooled = self.pooled_embed(pooled.to(dtype))
+        cond = F.silu(self.time_embed(t).to(pooled.dtype) + pooled)  # SiLU once, shared by all adaLNs
 
         rows, cols = patch_positions(grid_h, grid_w, cfg.max_res_orig / cfg.max_res, x.device)
         rope = None

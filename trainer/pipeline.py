@@ -96,14 +96,17 @@ class Pipeline:
     ):
         """``batch_size`` images per prompt, prompt after prompt. ``cfg`` is w in (1 + w) v_c - w v_u.
         Returns the images, or (images, frames) with ``trajectory=True``: frames[i] are image i's decoded
-        intermediate steps, for a GIF."""
+        intermediate steps, for a GIF.
+
+        Prompt i samples from its own generator, seeded ``seed + i``, which each of its images records
+        (``image.info``): ``generate(prompt, seed=that seed, batch_size=the same)`` makes them again, whatever
+        other prompts were in the list."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         check_size(width, height, self.size_multiple)
         if not prompts or batch_size < 1:
             raise ValueError("give at least one prompt and a batch_size of at least 1")
         seed = secrets.randbelow(2**31) if seed == -1 else seed
-        log.info("sampling with seed %d", seed)
-        generator = torch.Generator(self.device).manual_seed(seed)
+        log.info("sampling with seed %d (prompt i: seed + i)", seed)
 
         text, pooled = self.encoders.encode_text(prompts)
         self.encoders.free_text_encoders()
@@ -118,11 +121,13 @@ class Pipeline:
                 pooled[i : i + 1].expand(batch_size, -1).to(dtype),
                 cfg,
             )
+            generator = torch.Generator(self.device).manual_seed(seed + i)
             noise = torch.randn(latent_shape, generator=generator, device=self.device)
             steps_seen = []
             callback = (lambda x: steps_seen.append(x.cpu())) if trajectory else None
             latents = sample(velocity_fn, noise, steps, sampler=sampler, generator=generator, shift=shift, callback=callback)
-            info = {"prompt": prompt, "seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler, "shift": shift}
+            info = {"prompt": prompt, "seed": seed + i, "batch_size": batch_size, "steps": steps, "cfg": cfg,
+                    "sampler": sampler, "shift": shift}
             for image in to_pil(self.encoders.decode_latents(latents)):
                 image.info.update(info)
                 images.append(image)

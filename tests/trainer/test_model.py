@@ -174,6 +174,24 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         assert torch.equal(loaded(x, t, text, pooled), model(x, t, text, pooled))
 
 
+def test_cast_to_bf16_for_sampling_the_time_embedding_stays_fp32_and_the_model_runs(tmp_path):
+    model = small_model()
+    with torch.no_grad():
+        model.time_embed.scale.fill_(1001.5)  # a trained scale that bf16 cannot hold (it would read 1000 or 1002)
+    model.save_pretrained(tmp_path)
+    loaded = MMDiT.from_pretrained(tmp_path, low_cpu_mem_usage=False).to_inference_dtype(torch.bfloat16).eval()
+    assert loaded.time_embed.scale.dtype == torch.float32 and loaded.time_embed.scale.item() == 1001.5
+    assert loaded.patch_embed.weight.dtype == torch.bfloat16
+    x, t, text, pooled = inputs(model)
+    with torch.no_grad():
+        reference = model.time_embed(t)
+        assert torch.equal(loaded.time_embed(t), reference)
+        v = loaded(x.bfloat16(), t.bfloat16(), text.bfloat16(), pooled.bfloat16())
+        expected = model(x, t, text, pooled)
+    assert v.dtype == torch.bfloat16
+    torch.testing.assert_close(v.float(), expected, rtol=0.1, atol=0.1)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     plain = small_model().train()
     checkpointed = small_model(checkpoint_attn=True, checkpoint_mlp=True).train()

@@ -55,8 +55,25 @@ def test_images_have_the_asked_non_square_size_and_record_their_settings(pipelin
     assert len(images) == 4
     assert all(im.size == (48, 32) and im.mode == "RGB" for im in images)
     assert [im.info["prompt"] for im in images] == ["a red circle"] * 2 + ["a blue square"] * 2
-    assert images[0].info | {"prompt": None} == {"prompt": None, "seed": 11, "steps": STEPS, "cfg": 3.0, "sampler": "euler", "shift": 1.0}
+    assert images[0].info | {"prompt": None} == {"prompt": None, "seed": 11, "batch_size": 2, "steps": STEPS, "cfg": 3.0,
+                                                 "sampler": "euler", "shift": 1.0}
+    assert [im.info["seed"] for im in images] == [11, 11, 12, 12]  # prompt i: seed + i
     assert not np.array_equal(pixels(images[0]), pixels(images[1]))  # different noise within a batch
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_stochastic"])
+def test_an_image_made_again_from_its_recorded_seed_alone_is_the_same(pipeline, sampler):
+    kwargs = dict(steps=STEPS, width=32, height=32, sampler=sampler, batch_size=2)
+    listed = pipeline.generate(["a red circle", "a blue square"], seed=7, **kwargs)
+    alone = pipeline.generate("a blue square", seed=listed[2].info["seed"], **kwargs)
+    other_seed = pipeline.generate("a blue square", seed=listed[2].info["seed"] + 1, **kwargs)
+
+    def level_gap(a, b) -> int:
+        return int(np.abs(pixels(a).astype(int) - pixels(b).astype(int)).max())
+
+    # Alone, the prompt's text is encoded in a batch of one: float rounding, a level at most.
+    assert [level_gap(a, b) <= 2 for a, b in zip(listed[2:], alone)] == [True, True]
+    assert min(level_gap(a, b) for a, b in zip(alone, other_seed)) > 20
 
 
 def test_same_seed_same_image_and_the_prompt_matters(pipeline):
