@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,8 +15,11 @@ from PIL import Image
 from etl.config import RecaptionConfig, to_mapping
 from etl.recaption.backends import AltTextCaptioner, Captioner, get_captioner
 from etl.recaption.postprocess import Verdict, clean_alt_text, judge_detailed, judge_short, word_count
+from etl.images import decode, open_image, to_rgb
 from etl.recaption.resume import OUTCOMES, ResumeChunks
 from etl.schema import StepResult, make_rejects
+
+log = logging.getLogger(__name__)
 
 STAGE = "recaption"
 # Settings that change what a caption says; a change discards the chunks of an interrupted run.
@@ -53,9 +56,8 @@ class RecaptionResult(StepResult):
 
 
 def _decode(data: bytes, max_side: int) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", (max_side, max_side))  # JPEG: decode straight at a reduced scale
-    image = image.convert("RGB")
+    """The image as the buckets will hold it (upright, alpha on white), its long side at most ``max_side``."""
+    image = to_rgb(decode(open_image(data), at_least=(max_side, max_side)))  # JPEG: decoded at a reduced scale
     # VLM preprocessing of huge images starves the GPU; the long side is capped first.
     image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     return image
@@ -145,12 +147,16 @@ def recaption_shard(
 
     chunks = ResumeChunks(work_dir, _setup(cfg))
     earlier = chunks.finished()
-    done = set(earlier["key"].to_pylist())
-    strangers = done - set(keys)
-    if strangers:
+    finished = set(earlier["key"].to_pylist())
+    done = finished & set(keys)
+    if finished and not done:
         raise ValueError(
-            f"recaption: {work_dir} holds rows of another shard (e.g. key {next(iter(strangers))!r}); delete it"
+            f"recaption: {work_dir} holds rows of another shard (e.g. key {next(iter(finished))!r}); delete it"
         )
+    if finished - done:
+        # The filtered shard lost rows since (a new duplicate of an image elsewhere, a stricter filter).
+        log.warning("recaption: %d finished rows in %s are no longer in the shard; left out", len(finished - done),
+                    work_dir)
 
     todo = [i for i, key in enumerate(keys) if key not in done]
     started = time.perf_counter()

@@ -1,10 +1,12 @@
 import io
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
 
-from etl.config import ConfigError, PipelineConfig, RecaptionConfig, from_mapping
+from etl.buckets import bucket_shard
+from etl.config import BucketConfig, ConfigError, PipelineConfig, RecaptionConfig, from_mapping
 from etl.recaption import recaption_shard
 from etl.recaption.postprocess import (
     BOILERPLATE_OPENINGS,
@@ -17,6 +19,7 @@ from etl.recaption.postprocess import (
 from etl.recaption.prompts import LLM_PROMPT, VLM_PROMPT, llm_messages, vlm_messages
 from etl.recaption.shard import _decode
 from etl.schema import CANONICAL, conform
+from tests.etl.bad_images import BAD_IMAGES, canonical_table
 
 # What LLaVA-NeXT and Llama-3-Instruct write, good and bad, with the verdict expected after cleaning.
 DETAILED = [
@@ -143,6 +146,15 @@ def _jpeg(width: int, height: int) -> bytes:
 def test_images_are_downscaled_before_the_vlm():
     assert _decode(_jpeg(3000, 1200), 512).size == (512, 205)
     assert _decode(_jpeg(300, 200), 512).size == (300, 200)
+
+
+@pytest.mark.parametrize("name", ["exif_rotated_jpeg", "exif_rotated_tiff", "rgba_png"])
+def test_the_vlm_sees_the_image_as_the_buckets_hold_it(name):
+    seen = _decode(BAD_IMAGES[name][0], 512)
+    held = bucket_shard(canonical_table({"k": BAD_IMAGES[name][0]}), 256, BucketConfig()).kept
+    assert seen.mode == "RGB" and seen.size == (held["width"][0].as_py(), held["height"][0].as_py())
+    stored = Image.open(io.BytesIO(held["image"][0].as_py()))
+    assert np.abs(np.asarray(seen, dtype=int) - np.asarray(stored, dtype=int)).mean() < 8  # upright, alpha on white
 
 
 def test_alt_text_backend_accounts_for_every_row(tmp_path):

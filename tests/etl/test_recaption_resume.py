@@ -124,6 +124,15 @@ def test_chunks_of_another_setup_are_discarded(tmp_path):
     assert not list((tmp_path / "work").glob(".*.tmp"))
 
 
+def test_a_shard_that_lost_rows_resumes_the_rows_it_still_has(tmp_path):
+    table = _shard(4)
+    first = recaption_shard(table, RecaptionConfig(chunk_rows=2), tmp_path / "work")
+    fewer = table.slice(1)  # a row the filter now rejects (say, a new duplicate elsewhere)
+    again = recaption_shard(fewer, RecaptionConfig(chunk_rows=2), tmp_path / "work", captioner=object())
+    assert again.kept["key"].to_pylist() == [k for k in first.kept["key"].to_pylist() if k != table["key"][0].as_py()]
+    assert again.stats.resumed == 3 and again.stats.rows == 3
+
+
 def test_a_work_dir_of_another_shard_is_an_error(tmp_path):
     recaption_shard(_shard(4), RecaptionConfig(), tmp_path / "work")
     other = _shard(2).set_column(0, "key", pa.array(["other-1", "other-2"]))
