@@ -25,13 +25,14 @@ from etl.buckets import bucket_shard, bucket_size, bucket_stage, write_bucketed
 from etl.download import download_shard
 from etl.config import PipelineConfig
 from etl.filter import HASH_CANDIDATE_COLUMNS, dedup_version, duplicate_winners, filter_shard, hash_candidates
-from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys
+from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys, with_dataset_version
 from etl.invariants import bucketed_violations
 from etl.recaption import recaption_shard
 from etl.schema import StepResult
 from etl.sources import write_url_shards
 from etl.storage import content_version, read_parquet, read_parquet_versioned, write_parquet_atomic
 from orchestration import partitions
+from orchestration.records import current_version, latest_materializations
 from orchestration.resources import PipelineResource
 
 # Mapping a (shard, resolution) partition to its shard or resolution is a beta API in Dagster; it is the
@@ -120,14 +121,20 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name=GROUP, code_version=CODE_VERSION, kinds={"parquet"})
     def url_shards(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
         """URL lists split into shards of `shard_size` rows; registers one partition per shard."""
-        keys = write_url_shards(pipeline.config)
+        keys, removed = write_url_shards(pipeline.config)
         new = [k for k in keys if not context.instance.has_dynamic_partition(shards.name, k)]
         if new:
             context.instance.add_dynamic_partitions(shards.name, new)
+        for key in removed:
+            if context.instance.has_dynamic_partition(shards.name, key):
+                context.instance.delete_dynamic_partition(shards.name, key)
+        if removed:
+            context.log.warning(f"{len(removed)} shards are no longer in the URL lists and left the dataset: "
+                                f"{', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}")
         layout = pipeline.layout
         rows = sum(read_parquet(layout.urls(k), columns=["key"]).num_rows for k in keys)
         return dg.MaterializeResult(
-            metadata={"shards": len(keys), "new_shards": len(new), "rows": rows,
+            metadata={"shards": len(keys), "new_shards": len(new), "removed_shards": len(removed), "rows": rows,
                       "shard_keys": dg.MetadataValue.json(keys)},
             data_version=file_version(*[layout.urls(k) for k in keys]) if keys else dg.DataVersion("empty"),
         )
@@ -263,16 +270,21 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
         """Bucket -> rows over all shards of one resolution: what the trainer's bucket sampler reads."""
         resolution, layout = int(context.partition_key), pipeline.layout
         all_shards = layout.shards()
-        paths = [layout.bucketed(resolution, s) for s in all_shards if layout.bucketed(resolution, s).exists()]
-        index = build_index(paths)
+        present = [s for s in all_shards if layout.bucketed(resolution, s).exists()]
+        records = latest_materializations(context.instance, "bucketed")
+        shard_versions = {
+            s: current_version(records.get(str(dg.MultiPartitionKey({"shard": s, "resolution": str(resolution)}))),
+                               layout.bucketed(resolution, s))
+            for s in present}
+        index = with_dataset_version(build_index([layout.bucketed(resolution, s) for s in present]), shard_versions)
         write_parquet_atomic(index, layout.index(resolution))
         repeated, repeated_keys = duplicate_keys(index)
         version, histogram = dataset_version(index), bucket_histogram(index)
         return dg.MaterializeResult(
             metadata={
                 "rows": index.num_rows,
-                "shards_indexed": len(paths),
-                "shards_missing": len(all_shards) - len(paths),
+                "shards_indexed": len(present),
+                "shards_missing": len(all_shards) - len(present),
                 "buckets": len(histogram),
                 "bucket_histogram": dg.MetadataValue.json(histogram),
                 "dataset_version": version,

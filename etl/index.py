@@ -107,8 +107,29 @@ def duplicate_keys(index: pa.Table, examples: int = 20) -> tuple[int, list[str]]
     return repeated, keys.filter(keys.is_duplicated()).unique(maintain_order=True).head(examples).to_list()
 
 
+DATASET_VERSION_KEY = b"sd3.dataset_version"
+
+
+def with_dataset_version(index: pa.Table, shard_versions: dict[str, str]) -> pa.Table:
+    """The index carrying its dataset version in its parquet metadata: its keys and buckets
+    (``bucket_order_version``) and the content versions of the bucketed shards it indexes, so new captions
+    or re-encoded images give a new id though every key stays in its bucket."""
+    digest = hashlib.sha256(bucket_order_version(index).encode())
+    for shard, version in sorted(shard_versions.items()):
+        digest.update(f"\n{shard}={version}".encode())
+    return index.replace_schema_metadata({**(index.schema.metadata or {}), DATASET_VERSION_KEY: digest.hexdigest()[:16]})
+
+
 def dataset_version(index: pa.Table) -> str:
-    """16 hex digits from the keys and buckets in index order: same data, same id, on any machine."""
+    """What the trainer records and lineage shows: the version ``with_dataset_version`` stored, or, for an
+    index written without one, its ``bucket_order_version``."""
+    recorded = (index.schema.metadata or {}).get(DATASET_VERSION_KEY)
+    return recorded.decode() if recorded else bucket_order_version(index)
+
+
+def bucket_order_version(index: pa.Table) -> str:
+    """16 hex digits from the keys and buckets in index order: what fixes the sampler's order of batches
+    (same rows in the same buckets, same id, on any machine)."""
     digest = hashlib.sha256()
     keys = index["key"].combine_chunks().cast(pa.large_string())
     # Hash key lengths and key bytes (not Arrow's offsets, which depend on how the table was sliced).

@@ -96,14 +96,22 @@ def _same_content(path: Path, table: pa.Table) -> bool:
         return False
 
 
-def write_url_shards(config: PipelineConfig) -> list[str]:
-    """Write ``<root>/urls/<shard_key>.parquet`` for every source; identical files are left untouched."""
-    shard_keys = []
-    for source in config.all_sources():
-        table = read_url_list(source)
-        for shard_key, shard in shard_url_list(table, source.name, config.shard_size):
-            path = Path(config.root) / "urls" / f"{shard_key}.parquet"
-            if not _same_content(path, shard):
-                write_parquet_atomic(shard, path)
-            shard_keys.append(shard_key)
-    return shard_keys
+def write_url_shards(config: PipelineConfig) -> tuple[list[str], list[str]]:
+    """Write ``<root>/urls/<shard_key>.parquet`` for every source; identical files are left untouched.
+
+    Returns (the shard keys, the keys removed): a shard file no source produces any more (a shorter list,
+    a source taken out, another ``shard_size``) is deleted, so that its rows leave the books and the index.
+    What was made from it stays on disk, outside them. Every source is read before anything is written."""
+    shards = [(key, shard) for source in config.all_sources()
+              for key, shard in shard_url_list(read_url_list(source), source.name, config.shard_size)]
+    folder = Path(config.root) / "urls"
+    for key, shard in shards:
+        path = folder / f"{key}.parquet"
+        if not _same_content(path, shard):
+            write_parquet_atomic(shard, path)
+    keys = [key for key, _ in shards]
+    current = set(keys)
+    removed = sorted(p.stem for p in folder.glob("*.parquet") if p.stem not in current)
+    for key in removed:
+        (folder / f"{key}.parquet").unlink()
+    return keys, removed

@@ -13,7 +13,9 @@ import dagster as dg
 
 from etl.config import PipelineConfig
 from etl.layout import DataLayout
+from etl.storage import content_version
 from orchestration import partitions
+from orchestration.freshness import Freshness
 from orchestration.resources import PipelineResource
 
 
@@ -25,23 +27,21 @@ def url_list_fingerprints(config: PipelineConfig) -> dict[str, list[int]]:
     }
 
 
-def shards_to_download(instance: dg.DagsterInstance) -> list[str]:
+def shards_to_download(instance: dg.DagsterInstance, config: PipelineConfig) -> list[tuple[str, str]]:
+    """(shard, its URL list's version) of the registered shards whose download is not up to date: never
+    downloaded, or their URL list grew since (the last shard of a growing list)."""
     registered = instance.get_dynamic_partitions(partitions.shards.name)
-    done = instance.get_materialized_partitions(dg.AssetKey("downloaded"))
-    return [s for s in registered if s not in done]
+    layout = DataLayout(config.root)
+    return [(shard, content_version(layout.urls(shard))) for shard in Freshness(instance, config).to_run("downloaded", registered)
+            if layout.urls(shard).exists()]
 
 
-def shards_to_recaption(layout: DataLayout) -> list[tuple[str, int]]:
-    """Shards whose filtered output exists but whose recaptioned output is missing or older than it."""
-    stale = []
-    for shard in layout.shards():
-        filtered, recaptioned = layout.filtered(shard), layout.recaptioned(shard)
-        if not filtered.exists():
-            continue
-        filtered_at = filtered.stat().st_mtime_ns
-        if not recaptioned.exists() or recaptioned.stat().st_mtime_ns < filtered_at:
-            stale.append((shard, filtered_at))
-    return stale
+def shards_to_recaption(instance: dg.DagsterInstance, config: PipelineConfig) -> list[tuple[str, str]]:
+    """(shard, its filtered rows' version) of the filtered shards whose captions are not up to date: by the
+    rule `sd3 data run` skips by (orchestration/freshness.py), so a filter rewrite of the same rows is no reason."""
+    layout = DataLayout(config.root)
+    filtered = [shard for shard in layout.shards() if layout.filtered(shard).exists()]
+    return [(shard, content_version(layout.filtered(shard))) for shard in Freshness(instance, config).to_run("recaptioned", filtered)]
 
 
 def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJobDefinition]
@@ -56,18 +56,19 @@ def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJ
         if fingerprints != previous:
             digest = hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:16]
             requests.append(dg.RunRequest(job_name="url_shards_job", run_key=f"url-lists-{digest}"))
-        for shard in shards_to_download(context.instance):
-            requests.append(dg.RunRequest(job_name="download_job", partition_key=shard, run_key=f"download-{shard}"))
+        for shard, version in shards_to_download(context.instance, pipeline.config):
+            requests.append(dg.RunRequest(job_name="download_job", partition_key=shard,
+                                          run_key=f"download-{shard}-{version}"))
         if not requests:
             return dg.SkipReason("no new URL lists and every registered shard is downloaded")
         return dg.SensorResult(run_requests=requests, cursor=json.dumps(fingerprints, sort_keys=True))
 
     @dg.schedule(cron_schedule=config.automation.recaption_cron, job=jobs["recaption_job"],
-                 description="Recaptions shards whose filtered output is newer than their captions.")
+                 description="Recaptions filtered shards whose captions are not up to date.")
     def recaption_backfill(context: dg.ScheduleEvaluationContext, pipeline: PipelineResource):
-        stale = shards_to_recaption(pipeline.layout)
+        stale = shards_to_recaption(context.instance, pipeline.config)
         if not stale:
             return dg.SkipReason("every filtered shard is recaptioned")
-        return [dg.RunRequest(partition_key=shard, run_key=f"recaption-{shard}-{stamp}") for shard, stamp in stale]
+        return [dg.RunRequest(partition_key=shard, run_key=f"recaption-{shard}-{version}") for shard, version in stale]
 
     return [url_lists_sensor], [recaption_backfill]

@@ -8,13 +8,12 @@ A shard's stage is up to date when its latest materialization in the instance
 - and wrote files that are still there with the size and mtime it recorded.
 
 An input's current version is its upstream's recorded data version while the upstream's files are intact,
-so checking costs a stat per file, not a read. Versions are content digests: a stage run again that writes
+so checking costs a stat per file, not a read (a file touched or replaced outside Dagster is hashed). Versions are content digests: a stage run again that writes
 the same bytes leaves everything downstream up to date (a filter rerun never re-captions a shard).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -24,56 +23,9 @@ from assets.pipeline import stage_code_versions
 from etl.config import PipelineConfig
 from etl.filter import dedup_version
 from etl.layout import DataLayout
-from etl.storage import content_version, read_parquet
+from etl.storage import read_parquet
 from orchestration import partitions
-
-# Storage ids fetched per query when reading the latest materialization of every partition.
-_PAGE = 500
-
-
-@dataclass(frozen=True)
-class Materialized:
-    """What the freshness rule reads of a partition's latest materialization."""
-
-    code_version: str | None
-    data_version: str | None
-    inputs: dict
-    outputs: dict  # path -> [size, mtime_ns]
-
-    def intact(self) -> bool:
-        """Its files are still the ones it wrote (or it predates the record: then never)."""
-        if not self.outputs:
-            return False
-        for path, (size, mtime_ns) in self.outputs.items():
-            try:
-                stat = Path(path).stat()
-            except FileNotFoundError:
-                return False
-            if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
-                return False
-        return True
-
-
-def latest_materializations(instance: dg.DagsterInstance, asset: str) -> dict[str, Materialized]:
-    """{partition key: its latest materialization} of a partitioned asset."""
-    key = dg.AssetKey(asset)
-    storage_ids = list(instance.get_latest_storage_id_by_partition(key, dg.DagsterEventType.ASSET_MATERIALIZATION)
-                       .values())
-    latest = {}
-    for start in range(0, len(storage_ids), _PAGE):
-        page = storage_ids[start : start + _PAGE]
-        records = instance.fetch_materializations(dg.AssetRecordsFilter(key, storage_ids=page), limit=len(page))
-        for record in records.records:
-            event = record.asset_materialization
-            tags, metadata = event.tags or {}, event.metadata
-            latest[event.partition] = Materialized(
-                code_version=tags.get("dagster/code_version"),
-                data_version=tags.get("dagster/data_version"),
-                inputs=metadata["inputs"].value if "inputs" in metadata else {},
-                outputs=metadata["outputs"].value if "outputs" in metadata else {},
-            )
-    return latest
-
+from orchestration.records import current_version, latest_materializations
 
 class Freshness:
     """Answers, stage by stage in pipeline order, which partitions must run. Ask about a stage only once
@@ -100,7 +52,7 @@ class Freshness:
         """A function of a partition key: the versions of the inputs the stage would read now."""
         layout = self.layout
         if asset == "downloaded":
-            return lambda shard: {"urls": _version_of_file(layout.urls(shard))}
+            return lambda shard: {"urls": current_version(None, layout.urls(shard))}
         if asset == "filtered":
             downloaded = self._current_versions("downloaded")
             winners = _winners(layout) if self.config.filter.dedup else None
@@ -121,13 +73,14 @@ class Freshness:
         raise ValueError(f"not a per-shard stage: {asset}")
 
     def _current_versions(self, asset: str) -> dict[str, str | None]:
-        """{partition: the data version of its files on disk}: as recorded while they are intact, else None."""
-        return {partition: done.data_version if done.intact() else None
+        """{partition: the data version of its kept rows' file}: as recorded while its files are intact, else
+        the file's digest (touched or replaced outside Dagster), None when it is gone."""
+        return {partition: current_version(done, self._kept_file(asset, partition))
                 for partition, done in latest_materializations(self.instance, asset).items()}
 
-
-def _version_of_file(path: Path) -> str | None:
-    return content_version(path) if path.exists() else None
+    def _kept_file(self, asset: str, partition: str) -> Path:
+        return {"downloaded": self.layout.downloaded, "filtered": self.layout.filtered,
+                "recaptioned": self.layout.recaptioned}[asset](partition)
 
 
 def _winners(layout: DataLayout) -> pa.Table | None:

@@ -107,6 +107,8 @@ class BucketSampler:
             raise DataError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
         self.batch_size, self.seed, self.shuffle, self.data_version = batch_size, seed, shuffle, data_version
         self.rank_offset, self.num_replicas = rank_offset, num_replicas
+        if index.num_rows == 0:
+            raise DataError("no images to train on: the index is empty, or data.holdout_fraction holds every image out")
         heights = index["height"].to_numpy().astype(np.int64)
         widths = index["width"].to_numpy().astype(np.int64)
         buckets, inverse, counts = np.unique(heights << 32 | widths, return_inverse=True, return_counts=True)
@@ -300,7 +302,11 @@ class BucketBatches(Dataset):
         path = self.layout.root / "buckets" / str(self.resolution) / shard
         if not path.exists():
             raise DataError(f"shard {path} named by the index is missing: rebuild the index")
-        file = pq.ParquetFile(path)
+        try:
+            file = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"bucket shard {path} cannot be read ({err}): rebuild it (materialize its bucketed "
+                            f"partition) and the index") from err
         starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)])
         self._files[shard] = (file, starts)
         if len(self._files) > OPEN_SHARDS:
@@ -313,7 +319,11 @@ class BucketBatches(Dataset):
         found = {}
         for group in np.unique(groups):
             wanted = [r for r, g in zip(rows, groups) if g == group]
-            table = file.read_row_group(int(group), columns=SHARD_COLUMNS)
+            try:
+                table = file.read_row_group(int(group), columns=SHARD_COLUMNS)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise DataError(f"bucket shard {self.resolution}/{shard}: row group {group} cannot be read ({err}): "
+                                f"rebuild it (materialize its bucketed partition) and the index") from err
             taken = table.take(pa.array([r - starts[group] for r in wanted], pa.int64())).to_pylist()
             found.update(zip(wanted, taken))
         return [found[r] for r in rows]

@@ -8,11 +8,14 @@ In a ``colocated`` topology every rank is a model rank that encodes its own data
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
 
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the config pulls in the encoders (transformers): too slow for every spawned rank to import
     from trainer.config import TopologySection
@@ -25,20 +28,17 @@ class TopologyError(ValueError):
 def derive_map(world_size: int, models_per_loader: int) -> dict[int, list[int]]:
     """Per group of ``1 + models_per_loader`` consecutive ranks the first loads: 8, 3 -> {0: [1, 2, 3], 4: [5, 6, 7]}.
 
-    A last, smaller group keeps its loader with fewer model ranks (7, 3 -> {0: [1, 2, 3], 4: [5, 6]}).
+    A WORLD_SIZE the groups do not divide is an error: every loader feeds as many model ranks (``_check_map``).
     """
     if models_per_loader < 1:
         raise TopologyError(f"models_per_loader must be at least 1, got {models_per_loader}")
     group = 1 + models_per_loader
-    mapping = {start: list(range(start + 1, min(start + group, world_size))) for start in range(0, world_size, group)}
-    empty = [loader for loader, models in mapping.items() if not models]
-    if empty:
+    if world_size % group:
         raise TopologyError(
-            f"WORLD_SIZE {world_size} with models_per_loader {models_per_loader} leaves rank {empty[0]} as a loader "
-            f"with no model ranks; use a WORLD_SIZE whose last group has at least 2 ranks, an explicit "
-            f"topology.loader_to_model, or topology.colocated"
+            f"WORLD_SIZE {world_size} is not a multiple of 1 + models_per_loader = {group}: every loader must feed "
+            f"{models_per_loader} model ranks; use a WORLD_SIZE that is, another models_per_loader, or topology.colocated"
         )
-    return mapping
+    return {start: list(range(start + 1, start + group)) for start in range(0, world_size, group)}
 
 
 def _check_map(loader_to_model: dict[int, list[int]], world_size: int) -> None:
@@ -74,6 +74,14 @@ def _check_map(loader_to_model: dict[int, list[int]], world_size: int) -> None:
             f"ranks {missing} of WORLD_SIZE {world_size} are neither loaders nor model ranks with a loader: "
             f"add them to topology.loader_to_model or launch {len(named)} processes"
         )
+    sizes = {loader: len(models) for loader, models in loader_to_model.items()}
+    if len(set(sizes.values())) > 1:
+        # The loaders take turns through one order of loader batches (trainer/data.py): batches of different
+        # sizes would cut different orders, whose shares overlap, and some images would go unseen.
+        raise TopologyError(
+            f"every loader must feed as many model ranks as the others, got {sizes} (loader: model ranks): "
+            f"give each loader the same number, or use topology.colocated"
+        )
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,10 @@ class Topology:
     @classmethod
     def from_config(cls, cfg: TopologySection, world_size: int) -> Topology:
         if cfg.colocated:
+            if cfg.loader_to_model:
+                # Say so: `topology.colocated=true` on the command line over a recipe's map is how one runs a
+                # recipe on one GPU, but a config that means the map should not train colocated unnoticed.
+                log.warning("topology.colocated is set: topology.loader_to_model %s is not used", cfg.loader_to_model)
             return cls({}, world_size, colocated=True)
         if cfg.loader_to_model is not None:
             mapping = cfg.loader_to_model

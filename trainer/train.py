@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
 from etl.config import to_mapping
-from etl.index import dataset_version
+from etl.index import bucket_order_version, dataset_version
 from trainer.checkpoint import CheckpointNotFoundError, clean_stale_writes, resolve_checkpoint, save_rank_state
 from trainer.config import load_train_config
 from trainer.data import BucketSampler, open_index
@@ -135,11 +135,12 @@ def run(args: argparse.Namespace) -> None:
     cfg = load_train_config(args.config, args.overrides)
     topology = Topology.from_config(cfg.topology, world_size)
     index = open_index(cfg.data.root, cfg.data.resolution)
-    version = dataset_version(index)  # of the whole index: what lineage records
+    version = dataset_version(index)  # of the whole index, images and captions included: what lineage records
+    order = bucket_order_version(index)  # keys and buckets only: new captions keep the sampler's epoch
     index, validation = _hold_out(cfg, index, rank)
     _check_batches_fit(cfg, topology, index)
     # The held-out share is part of what fixes the sampler's order of batches.
-    sampler_version = f"{version}-holdout{cfg.data.holdout_fraction:g}" if cfg.data.holdout_fraction else version
+    sampler_version = f"{order}-holdout{cfg.data.holdout_fraction:g}" if cfg.data.holdout_fraction else order
     resume_from = _resume_dir(cfg, args.resume)
     resume = resume_point(resume_from, topology, rank) if resume_from is not None else None
     if rank == 0:

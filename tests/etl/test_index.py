@@ -3,7 +3,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys
+from etl.index import (bucket_histogram, bucket_order_version, build_index, dataset_version, duplicate_keys,
+                       with_dataset_version)
 from etl.storage import CorruptShardError, read_parquet, write_parquet_atomic
 from etl.schema import CANONICAL, conform
 
@@ -109,15 +110,27 @@ def test_duplicate_keys_counts_every_repeat_and_names_the_keys(shards, tmp_path)
     assert len(duplicate_keys(build_index([*shards, e]), examples=4)[1]) == 4
 
 
-def test_dataset_version_follows_content_only(shards, tmp_path):
+def test_bucket_order_version_follows_keys_and_buckets_only(shards, tmp_path):
     index = build_index(shards)
-    version = dataset_version(index)
+    version = bucket_order_version(index)
     assert len(version) == 16 and int(version, 16) >= 0
-    assert dataset_version(build_index(list(reversed(shards)))) == version
+    assert bucket_order_version(build_index(list(reversed(shards)))) == version
     rechunked = pa.concat_tables([index.slice(0, 7), index.slice(7)])
-    assert dataset_version(rechunked) == version
+    assert bucket_order_version(rechunked) == version
     resized = index.set_column(index.schema.get_field_index("height"), "height", pa.array([h + 16 if i == 0 else h for i, h in enumerate(index["height"].to_pylist())], pa.int32()))
-    assert dataset_version(resized) != version
+    assert bucket_order_version(resized) != version
     renamed = index.set_column(index.schema.get_field_index("key"), "key", pa.array(["z" + k for k in index["key"].to_pylist()]))
-    assert dataset_version(renamed) != version
-    assert dataset_version(index.slice(1)) != version
+    assert bucket_order_version(renamed) != version
+    assert bucket_order_version(index.slice(1)) != version
+
+
+def test_dataset_version_also_follows_the_shards_contents_and_survives_the_file(shards, tmp_path):
+    index = build_index(shards)
+    assert dataset_version(index) == bucket_order_version(index)  # an index written without one
+    versions = {"a": "1111", "b": "2222"}
+    versioned = with_dataset_version(index, versions)
+    assert dataset_version(versioned) != bucket_order_version(index)
+    assert dataset_version(with_dataset_version(index, {**versions, "b": "3333"})) != dataset_version(versioned)
+    assert dataset_version(with_dataset_version(index.slice(1), versions)) != dataset_version(versioned)
+    write_parquet_atomic(versioned, tmp_path / "index.parquet")
+    assert dataset_version(read_parquet(tmp_path / "index.parquet")) == dataset_version(versioned)

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from etl.config import PipelineConfig, SourceConfig
+from etl.layout import DataLayout
 from etl.schema import URLS
 from etl.sources import read_url_list, shard_url_list, write_url_shards
 from etl.storage import read_parquet
@@ -119,7 +120,7 @@ def test_write_url_shards_leaves_identical_files_untouched(tmp_path):
         shard_size=2,
     )
     keys = ["laion-00000", "laion-00001", "laion-00002", "cc-00000"]
-    assert write_url_shards(config) == keys
+    assert write_url_shards(config) == (keys, [])
     urls_dir = tmp_path / "root" / "urls"
     assert read_parquet(urls_dir / "laion-00002.parquet")["key"].to_pylist() == ["laion-000000004"]
     old = 1_000_000_000
@@ -127,10 +128,29 @@ def test_write_url_shards_leaves_identical_files_untouched(tmp_path):
         os.utime(path, (old, old))
 
     laion_parquet(list_path, 6)  # the list grows by one row: only the last shard changes
-    assert write_url_shards(config) == keys
+    assert write_url_shards(config) == (keys, [])
     mtimes = {p.name: p.stat().st_mtime for p in urls_dir.glob("*.parquet")}
     assert mtimes["laion-00000.parquet"] == old and mtimes["laion-00001.parquet"] == old
     assert mtimes["cc-00000.parquet"] == old
     assert mtimes["laion-00002.parquet"] != old
     assert read_parquet(urls_dir / "laion-00002.parquet").num_rows == 2
     assert sorted(p.name for p in urls_dir.iterdir()) == sorted(f"{k}.parquet" for k in keys)
+
+
+def test_shards_no_source_produces_any_more_leave_the_dataset(tmp_path):
+    list_path = laion_parquet(tmp_path / "list.parquet", 5)
+    other = tmp_path / "other.tsv"
+    other.write_text("url\tcaption\nhttp://b.com/1.png\tone\n")
+    sources = [SourceConfig(name="laion", path=list_path, url_col="URL", caption_col="TEXT"),
+               SourceConfig(name="cc", path=other, kind="cc12m_tsv")]
+    config = PipelineConfig(root=tmp_path / "root", sources=sources, shard_size=2)
+    write_url_shards(config)
+
+    laion_parquet(list_path, 3)  # a shorter list
+    config.sources = sources[:1]  # and a source taken out
+    assert write_url_shards(config) == (["laion-00000", "laion-00001"], ["cc-00000", "laion-00002"])
+    assert DataLayout(config.root).shards() == ["laion-00000", "laion-00001"]
+
+    config.shard_size = 4  # renumbered: the same keys, other rows
+    assert write_url_shards(config) == (["laion-00000"], ["laion-00001"])
+    assert read_parquet(config.root / "urls" / "laion-00000.parquet").num_rows == 3

@@ -66,17 +66,50 @@ def test_sensor_registers_new_url_lists_and_requests_downloads(setup):
     assert "url_shards_job" in [r.job_name for r in third.run_requests]
 
 
-def test_schedule_backfills_missing_and_stale_captions(setup):
-    defs, instance, _, layout = setup
-    assert defs.resolve_job_def("url_shards_job").execute_in_process(instance=instance).success
+def test_shards_gone_from_the_url_lists_leave_the_partitions(setup):
+    defs, instance, watch, layout = setup
+    job = defs.resolve_job_def("url_shards_job")
+    assert job.execute_in_process(instance=instance).success
+    assert len(instance.get_dynamic_partitions("shards")) == 3
+    url_list(watch / "laion-part-1.parquet", 3)  # the list shrinks from 5 rows (3 shards) to 3 (2)
+    assert job.execute_in_process(instance=instance).success
+    assert instance.get_dynamic_partitions("shards") == layout.shards() == ["laion-part-1-00000", "laion-part-1-00001"]
+    event = instance.get_latest_materialization_event(dg.AssetKey("url_shards"))
+    assert event.asset_materialization.metadata["removed_shards"].value == 1
+
+
+def materialize(defs, instance, job: str, partition_keys=(None,)) -> None:
+    for key in partition_keys:
+        assert defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=key).success
+
+
+def test_sensor_downloads_a_shard_again_when_its_url_list_grew(setup):
+    defs, instance, watch, layout = setup
+    materialize(defs, instance, "url_shards_job")
     shards = layout.shards()
-    table = pa.table({"key": ["k"]})
-    for shard in shards:
-        write_parquet_atomic(table, layout.filtered(shard))
-    write_parquet_atomic(table, layout.recaptioned(shards[0]))  # up to date
-    write_parquet_atomic(table, layout.recaptioned(shards[1]))
+    materialize(defs, instance, "download_job", shards)
+    first = evaluate_sensor(defs, instance)
+    assert [r.job_name for r in first.run_requests] == ["url_shards_job"]  # no download: all up to date
+
+    url_list(watch / "laion-part-1.parquet", 6)  # the last shard, rows 4-5, gains a row
+    materialize(defs, instance, "url_shards_job")
+    second = evaluate_sensor(defs, instance, cursor=first.cursor)
+    downloads = [r for r in second.run_requests if r.job_name == "download_job"]
+    assert [r.partition_key for r in downloads] == [shards[-1]]
+    assert downloads[0].run_key.startswith(f"download-{shards[-1]}-")  # a new key for each new list
+
+
+def test_schedule_backfills_the_captions_that_are_not_up_to_date(setup):
+    defs, instance, _, layout = setup
+    materialize(defs, instance, "url_shards_job")
+    shards = layout.shards()
+    materialize(defs, instance, "download_job", shards)  # every URL refused: the shards hold rejects only
+    materialize(defs, instance, "hashes_job")
+    materialize(defs, instance, "filter_job", shards)
+    materialize(defs, instance, "recaption_job", shards[:2])  # the third shard is never captioned
     later = time.time_ns() + 10**9
-    os.utime(layout.filtered(shards[1]), ns=(later, later))  # filtered again after captioning: stale
+    os.utime(layout.filtered(shards[0]), ns=(later, later))  # touched, the same rows: still up to date
+    write_parquet_atomic(pa.table({"key": ["k"]}), layout.filtered(shards[1]))  # other rows: stale
 
     schedule = defs.resolve_schedule_def("recaption_backfill")
     with dg.build_schedule_context(instance=instance, resources=resources(defs)) as context:

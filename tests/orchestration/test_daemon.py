@@ -1,13 +1,12 @@
 """The sensor and the schedule under a real `dagster dev`: turned on the way the UI's toggles do it (GraphQL),
 then the daemon evaluates them and launches the runs; nothing here executes a job itself.
 
-A finished demo pipeline gives the schedule something to do (one shard's captions are made stale) and a URL
+A finished demo pipeline gives the schedule something to do (one shard's filtered rows change) and a URL
 list dropped into the watched folder gives the sensor a new source to shard and download.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 
@@ -18,7 +17,7 @@ import yaml
 from etl.demo_source import make_demo_source
 from etl.layout import DataLayout
 from etl.serve import serve_directory
-from etl.storage import read_parquet
+from etl.storage import read_parquet, write_parquet_atomic
 from orchestration.run import run_pipeline
 from tests.orchestration.browser import dagster_webserver, graphql
 
@@ -63,8 +62,8 @@ def finished_pipeline(tmp_path, monkeypatch):
 
         layout = DataLayout(tmp_path / "pipeline")
         stale = layout.shards()[0]
-        later = time.time_ns() + 10**9
-        os.utime(layout.filtered(stale), ns=(later, later))  # filtered again after captioning
+        # Filtered again after captioning, one row fewer (say, a stricter filter): its captions are stale.
+        write_parquet_atomic(read_parquet(layout.filtered(stale)).slice(1), layout.filtered(stale))
         shutil.copy(urls, watch / f"{DROPPED_LIST}.parquet")  # the same images under a new source name
         yield home, config_path, layout, stale
 

@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 from etl.demo_source import make_demo_source
+from etl.index import dataset_version
 from etl.layout import DataLayout
 from etl.serve import serve_directory
+from etl.storage import read_parquet
 from orchestration.run import run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -83,12 +85,14 @@ def test_rerun_skips_what_is_up_to_date_and_runs_what_changed(tmp_path, monkeypa
         assert ran == {"downloaded": set(shards), "filtered": set(shards), "recaptioned": set(shards),
                        "bucketed": buckets}
         first = outputs(root)
+        version = dataset_version(read_parquet(layout.index(64)))
 
         # Nothing changed: no shard's stage runs, no file is rewritten.
         ran, lines = run("again")
         assert ran == {stage: set() for stage in STAGES}, lines
         assert "[download_job] downloaded: 0 of 2 run(s), 2 up to date" in lines
         assert outputs(root) == first
+        assert dataset_version(read_parquet(layout.index(64))) == version
 
         # A lost output file: that partition runs, and it writes the same bytes.
         layout.bucketed(64, shards[1]).unlink()
@@ -107,6 +111,7 @@ def test_rerun_skips_what_is_up_to_date_and_runs_what_changed(tmp_path, monkeypa
         ran, _ = run("grown", filter={"max_pwatermark": 0.9})
         new = "demo-00002"
         assert ran == {"downloaded": {new}, "filtered": {new}, "recaptioned": {new}, "bucketed": {f"64|{new}"}}
+        assert dataset_version(read_parquet(layout.index(64))) != version
 
         # Forced: every partition of the stage runs, up to date or not, and writes identical files.
         before = outputs(root)

@@ -214,6 +214,23 @@ def test_batch_larger_than_every_bucket_is_a_clear_error():
         BucketSampler(synthetic_index(SIZES), batch_size=601, seed=0)
 
 
+def test_an_empty_training_index_is_a_clear_error():
+    with pytest.raises(DataError, match="no images to train on.*data.holdout_fraction"):
+        BucketSampler(synthetic_index(SIZES).slice(0, 0), batch_size=4, seed=0)
+
+
+def test_a_corrupt_bucket_shard_is_named(demo_root, tmp_path):
+    root = tmp_path / "corrupt"
+    shutil.copytree(demo_root, root)
+    index = open_index(root, RESOLUTION)
+    shard = index["shard"][0].as_py()
+    path = root / "buckets" / str(RESOLUTION) / shard
+    path.write_bytes(path.read_bytes()[:500])  # cut short: no footer
+    dataset = BucketBatches(root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
+    with pytest.raises(DataError, match=f"bucket shard {path} cannot be read.*rebuild it"):
+        dataset[[0]]
+
+
 def test_open_index_errors_say_what_is_missing(demo_root, tmp_path):
     assert open_index(demo_root, RESOLUTION).num_rows == 48
     with pytest.raises(DataError, match="does not exist"):

@@ -9,8 +9,9 @@ from trainer.topology import Topology, TopologyError, derive_map
 def test_derived_map_puts_a_loader_first_in_each_group():
     assert derive_map(8, 3) == {0: [1, 2, 3], 4: [5, 6, 7]}
     assert derive_map(4, 3) == {0: [1, 2, 3]}
-    assert derive_map(7, 3) == {0: [1, 2, 3], 4: [5, 6]}
     assert derive_map(6, 1) == {0: [1], 2: [3], 4: [5]}
+    with pytest.raises(TopologyError, match="WORLD_SIZE 7 is not a multiple of 1 \\+ models_per_loader = 4"):
+        derive_map(7, 3)  # the last loader would feed 2 model ranks, the first 3
 
 
 def test_reference_map_roles_and_lookups():
@@ -70,6 +71,8 @@ def test_a_topology_round_trips_through_its_json_record():
         ({0: [1, 1, 2]}, 3, r"model rank 1 appears twice in loader 0's list"),
         ({0: [], 1: [2, 3]}, 4, r"loader rank 0 has no model ranks"),
         ({}, 4, r"loader_to_model is empty"),
+        # Loader batches of 3 and 2 model batches would cut different orders, whose shares overlap.
+        ({0: [1, 2, 3], 4: [5, 6]}, 7, r"every loader must feed as many model ranks as the others, got \{0: 3, 4: 2\}"),
     ],
 )
 def test_bad_maps_name_the_ranks(mapping, world_size, message):
@@ -78,7 +81,14 @@ def test_bad_maps_name_the_ranks(mapping, world_size, message):
 
 
 def test_derived_maps_that_cannot_work_are_errors():
-    with pytest.raises(TopologyError, match="rank 4 as a loader with no model ranks"):
+    with pytest.raises(TopologyError, match="WORLD_SIZE 5 is not a multiple"):
         Topology.from_config(TopologySection(models_per_loader=3), 5)
     with pytest.raises(TopologyError, match="WORLD_SIZE 1 .* topology.colocated"):
         Topology.from_config(TopologySection(), 1)
+
+
+def test_colocated_over_a_map_says_the_map_is_not_used(caplog):
+    with caplog.at_level("WARNING", logger="trainer.topology"):
+        topology = Topology.from_config(TopologySection(loader_to_model={0: [1, 2, 3]}, colocated=True), 4)
+    assert topology.colocated and topology.loader_to_model == {}
+    assert "topology.loader_to_model {0: [1, 2, 3]} is not used" in caplog.text
