@@ -28,6 +28,7 @@ from etl.filter import HASH_CANDIDATE_COLUMNS, dedup_version, duplicate_winners,
 from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys, with_dataset_version
 from etl.invariants import bucketed_violations
 from etl.recaption import recaption_shard
+from etl.recaption.gpus import on_a_free_gpu
 from etl.schema import StepResult
 from etl.sources import write_url_shards
 from etl.storage import content_version, read_parquet, read_parquet_versioned, write_parquet_atomic
@@ -211,7 +212,8 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
         table, filtered_version = read_parquet_versioned(layout.filtered(shard))
         start = time.perf_counter()
         work = layout.work("recaption", shard)
-        result = recaption_shard(table, cfg.recaption, work)  # loads the models only if rows are left
+        with on_a_free_gpu(cfg.recaption) as captioning:  # the pool runs one recaption step per GPU
+            result = recaption_shard(table, captioning, work)  # loads the models only if rows are left
         check_accounting(table["key"], result, "recaption")
         out, rejects = layout.recaptioned(shard), layout.rejects("recaption", shard)
         write_step(result, out, rejects)
