@@ -22,7 +22,7 @@ from PIL import Image
 
 from etl.accounting import check_accounting, reject_where
 from etl.buckets import bucket_shard, bucket_size, bucket_stage, write_bucketed
-from etl.download import download_shard
+from etl.download import download_shard, img2dataset_stamp, import_img2dataset_shard
 from etl.config import PipelineConfig
 from etl.filter import HASH_CANDIDATE_COLUMNS, dedup_version, duplicate_winners, filter_shard, hash_candidates
 from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys, with_dataset_version
@@ -30,7 +30,7 @@ from etl.invariants import bucketed_violations
 from etl.recaption import recaption_shard
 from etl.recaption.gpus import on_a_free_gpu
 from etl.schema import StepResult
-from etl.sources import write_url_shards
+from etl.sources import imported_shards, write_url_shards
 from etl.storage import content_version, read_parquet, read_parquet_versioned, write_parquet_atomic
 from orchestration import partitions
 from orchestration.records import current_version, latest_materializations
@@ -73,6 +73,14 @@ def stage_code_versions(config: PipelineConfig) -> dict[str, str]:
 
 def file_version(*paths: Path) -> dg.DataVersion:
     return dg.DataVersion(content_version(*paths))
+
+
+def download_inputs(urls_version: str | None, imported: tuple | None) -> dict[str, str | None]:
+    """What a shard's download stage reads: its URL rows, and for an imported shard the img2dataset file."""
+    inputs = {"urls": urls_version}
+    if imported is not None:
+        inputs["import"] = img2dataset_stamp(imported[1])
+    return inputs
 
 
 def provenance(inputs: dict[str, str], *outputs: Path) -> dict:
@@ -147,12 +155,16 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
         shard, layout = context.partition_key, pipeline.layout
         urls, urls_version = read_parquet_versioned(layout.urls(shard))
         start = time.perf_counter()
-        result = download_shard(urls, layout.work("download", shard), pipeline.config.download)
+        imported = imported_shards(pipeline.config).get(shard)
+        if imported is None:
+            result = download_shard(urls, layout.work("download", shard), pipeline.config.download)
+        else:  # already downloaded: its img2dataset shard file is read, not its URLs
+            result = import_img2dataset_shard(imported[1], imported[0].name)
         check_accounting(urls["key"], result, "download")
         out, rejects = layout.downloaded(shard), layout.rejects("download", shard)
         write_step(result, out, rejects)
         metadata = step_metadata(result, urls.num_rows, time.perf_counter() - start, out)
-        metadata.update(provenance({"urls": urls_version}, out, rejects))
+        metadata.update(provenance(download_inputs(urls_version, imported), out, rejects))
         return dg.MaterializeResult(metadata=metadata, data_version=file_version(out))
 
     @dg.asset(group_name=GROUP, code_version=CODE_VERSION, deps=[downloaded], kinds={"parquet"})

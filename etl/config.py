@@ -7,6 +7,7 @@ unknown keys, wrong types and invalid values are errors that name the key, never
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+_EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -70,6 +74,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-4, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -140,8 +146,8 @@ def load_yaml(path: str | Path) -> dict:
 @dataclass
 class SourceConfig:
     name: str
-    path: Path
-    kind: Literal["laion_parquet", "cc12m_tsv"] = "laion_parquet"
+    path: Path  # the URL list; for kind img2dataset, an img2dataset (or webdataset) output folder
+    kind: Literal["laion_parquet", "cc12m_tsv", "img2dataset"] = "laion_parquet"
     url_col: str = "url"
     caption_col: str = "caption"
     extra_cols: list[str] = field(default_factory=list)

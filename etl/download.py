@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from etl.accounting import check_accounting
 from etl.config import DownloadConfig
-from etl.schema import CANONICAL, OPTIONAL_FLOAT_COLUMNS, StepResult, conform, empty_rejects, make_rejects
+from etl.schema import CANONICAL, OPTIONAL_FLOAT_COLUMNS, URLS, StepResult, conform, empty_rejects, make_rejects
 from etl.storage import read_parquet
 
 STAGE = "download"
@@ -278,26 +278,52 @@ def _image_field(sample: dict) -> str | None:
     return next((ext for ext in IMAGE_EXTENSIONS if sample.get(ext) is not None), None)
 
 
-def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
+def img2dataset_shards(folder: Path) -> list[Path]:
+    """The shard files of an img2dataset output folder: its webdataset tars (img2dataset's status parquet
+    beside each, or plain tars from elsewhere), and its parquet shards."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"img2dataset output folder not found: {folder}")
+    tars = sorted(folder.glob("*.tar"))
+    parquets = [p for p in sorted(folder.glob("*.parquet")) if p.with_suffix(".tar") not in tars]
+    if not tars and not parquets:
+        raise ValueError(f"no img2dataset output (*.parquet or *.tar shards) in {folder}")
+    return sorted(tars + parquets)
+
+
+def img2dataset_stamp(shard: Path) -> str:
+    """Size and mtime of a shard file (and of its status parquet): what says it was rewritten, without
+    reading its gigabytes."""
+    files = [shard, shard.with_suffix(".parquet")] if shard.suffix == ".tar" else [shard]
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files if p.exists())
+
+
+def _read_tar(path: Path, images: bool) -> dict[str, dict[str, bytes | None]]:
+    """{sample key: {field: bytes}}; without ``images`` an image field is there with None for its bytes."""
+    samples: dict[str, dict[str, bytes | None]] = {}
     try:
         with tarfile.open(path) as tar:
             for member in tar:
                 match = _TAR_MEMBER.match(member.name)
-                if member.isfile() and match:
-                    samples.setdefault(match.group(1), {})[match.group(2).lower()] = tar.extractfile(member).read()
+                if not (member.isfile() and match):
+                    continue
+                field = match.group(2).lower()
+                sample = samples.setdefault(match.group(1), {})
+                sample[field] = tar.extractfile(member).read() if images or field not in IMAGE_EXTENSIONS else None
     except (tarfile.TarError, OSError, EOFError) as err:
         raise ValueError(f"cannot read webdataset tar {path}: {err}") from err
     return samples
 
 
-def _records_from_tar(tar_path: Path) -> list[dict]:
+def _records_from_tar(tar_path: Path, images: bool) -> list[dict]:
     """img2dataset writes every sample's status to a parquet beside the tar; tars from elsewhere carry only
     successes, with their metadata in each sample's json."""
-    samples = _read_tar(tar_path)
     status_file = tar_path.with_suffix(".parquet")
     if status_file.exists():
         records = read_parquet(status_file).to_pylist()
+        if not images:  # the status file is the whole list of samples
+            return records
+        samples = _read_tar(tar_path, images)
         for record in records:
             sample = samples.get(record["key"], {})
             field = _image_field(sample)
@@ -306,12 +332,12 @@ def _records_from_tar(tar_path: Path) -> list[dict]:
                 record.update(status="failed_to_download", error_message=f"no image for this key in {tar_path.name}")
         return records
     records = []
-    for key, sample in samples.items():
+    for key, sample in _read_tar(tar_path, images).items():
         try:
             meta = json.loads(sample["json"]) if "json" in sample else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta = {}
-        field = _image_field(sample)
+        field = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         record = {**meta, "key": key, "image": sample[field] if field else None}
         if record.get("caption") is None and "txt" in sample:
             record["caption"] = sample["txt"].decode("utf-8", errors="replace")
@@ -322,7 +348,10 @@ def _records_from_tar(tar_path: Path) -> list[dict]:
     return records
 
 
-def _records_from_parquet(path: Path) -> list[dict]:
+def _records_from_parquet(path: Path, images: bool) -> list[dict]:
+    if not images:
+        names = [n for n in pq.read_schema(path).names if n not in IMAGE_EXTENSIONS]
+        return read_parquet(path, columns=names).to_pylist()
     records = read_parquet(path).to_pylist()
     for record in records:
         field = _image_field(record)
@@ -330,42 +359,41 @@ def _records_from_parquet(path: Path) -> list[dict]:
     return records
 
 
-def import_img2dataset_output(path: Path, source: str | None = None) -> StepResult:
-    """Normalise an img2dataset output folder (parquet, or webdataset tars) into CANONICAL rows + rejects.
-
-    Keys are ``<source>-<img2dataset key>``; ``source`` defaults to the folder's name.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"img2dataset output folder not found: {path}")
-    source = source or path.name
-    tars = sorted(path.glob("*.tar"))
-    parquets = [p for p in sorted(path.glob("*.parquet")) if p.with_suffix(".tar") not in tars]
-    if not tars and not parquets:
-        raise ValueError(f"no img2dataset output (*.parquet or *.tar shards) in {path}")
-    records = [r for p in parquets for r in _records_from_parquet(p)] + [r for t in tars for r in _records_from_tar(t)]
-
+def _img2dataset_records(shard: Path, images: bool) -> list[dict]:
+    records = _records_from_tar(shard, images) if shard.suffix == ".tar" else _records_from_parquet(shard, images)
     if any(record.get("key") is None for record in records):
-        raise ValueError(f"{path}: a record has no 'key'; is this img2dataset output?")
-    keys = [f"{source}-{record['key']}" for record in records]
+        raise ValueError(f"{shard}: a record has no 'key'; is this img2dataset output?")
+    keys = [record["key"] for record in records]
     if len(set(keys)) != len(keys):
-        raise ValueError(f"{path}: img2dataset keys repeat across shards; import each output folder on its own")
-    meta = pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "url": pa.array([r.get("url") for r in records], pa.string()),
-            "caption": pa.array([r.get("caption") for r in records], pa.string()),
-            "source": pa.array([source] * len(records), pa.string()),
-            **{
-                name: pa.array([r.get(name) for r in records], pa.float64())
-                for name in OPTIONAL_FLOAT_COLUMNS
-            },
-        }
-    )
+        raise ValueError(f"{shard}: a sample key repeats")
+    return records
+
+
+def _record_rows(records: list[dict], source: str) -> pa.Table:
+    """The URL-list rows (etl.schema.URLS) of img2dataset records: keys ``<source>-<img2dataset key>``."""
+    return conform(pa.table({
+        "key": pa.array([f"{source}-{record['key']}" for record in records], pa.string()),
+        "url": pa.array([record.get("url") for record in records], pa.string()),
+        "caption": pa.array([record.get("caption") for record in records], pa.string()),
+        "source": pa.array([source] * len(records), pa.string()),
+        **{name: pa.array([record.get(name) for record in records], pa.float64()) for name in OPTIONAL_FLOAT_COLUMNS},
+    }), URLS)
+
+
+def img2dataset_url_rows(shard: Path, source: str) -> pa.Table:
+    """The samples of one img2dataset shard file as URL-list rows, read without their images."""
+    return _record_rows(_img2dataset_records(shard, images=False), source)
+
+
+def import_img2dataset_shard(shard: Path, source: str) -> StepResult:
+    """One img2dataset shard file (a webdataset tar, or a parquet shard) as the download stage's output:
+    CANONICAL rows for its images, a reject with a reason for every other sample."""
+    records = _img2dataset_records(shard, images=True)
+    meta = _record_rows(records, source)
     kept_rows, reject_rows = [], []
     for row, record in enumerate(records):
         outcome = sample_outcome(record, "image")
         (kept_rows if outcome[0] == "kept" else reject_rows).append((row, *outcome[1:]))
     result = StepResult(kept=_kept_table(meta, kept_rows), rejects=_rejects_table(meta, reject_rows))
-    check_accounting(keys, result, "download")
+    check_accounting(meta["key"], result, "download")
     return result

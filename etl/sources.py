@@ -1,6 +1,8 @@
-"""URL lists in (LAION parquet, CC12M TSV) -> numbered URL shards out.
+"""URL lists in (LAION parquet, CC12M TSV) -> numbered URL shards out; already-downloaded img2dataset
+output in -> one shard per img2dataset shard file.
 
-Keys come from a row's position in its source list, so a longer list later only adds shards.
+Keys come from a row's position in its source list, so a longer list later only adds shards; an
+img2dataset sample keeps its own key (``<source>-<img2dataset key>``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from etl.config import PipelineConfig, SourceConfig
+from etl.download import img2dataset_shards, img2dataset_url_rows
 from etl.schema import OPTIONAL_FLOAT_COLUMNS, URLS, conform
 from etl.storage import CorruptShardError, read_parquet, write_parquet_atomic
 
@@ -96,14 +99,32 @@ def _same_content(path: Path, table: pa.Table) -> bool:
         return False
 
 
+def img2dataset_source_shards(source: SourceConfig) -> list[tuple[str, Path]]:
+    """(shard key, shard file) of an already-downloaded source: one pipeline shard per img2dataset shard file,
+    keyed ``<source>-<file stem>``, so its download stage imports that file instead of fetching URLs."""
+    return [(f"{source.name}-{path.stem}", path) for path in img2dataset_shards(source.path)]
+
+
+def imported_shards(config: PipelineConfig) -> dict[str, tuple[SourceConfig, Path]]:
+    """{shard key: (its source, the img2dataset shard file it is imported from)}; the other shards' URLs
+    are fetched."""
+    return {key: (source, path) for source in config.all_sources() if source.kind == "img2dataset"
+            for key, path in img2dataset_source_shards(source)}
+
+
+def _source_shards(source: SourceConfig, shard_size: int) -> list[tuple[str, pa.Table]]:
+    if source.kind == "img2dataset":
+        return [(key, img2dataset_url_rows(path, source.name)) for key, path in img2dataset_source_shards(source)]
+    return shard_url_list(read_url_list(source), source.name, shard_size)
+
+
 def write_url_shards(config: PipelineConfig) -> tuple[list[str], list[str]]:
     """Write ``<root>/urls/<shard_key>.parquet`` for every source; identical files are left untouched.
 
     Returns (the shard keys, the keys removed): a shard file no source produces any more (a shorter list,
     a source taken out, another ``shard_size``) is deleted, so that its rows leave the books and the index.
     What was made from it stays on disk, outside them. Every source is read before anything is written."""
-    shards = [(key, shard) for source in config.all_sources()
-              for key, shard in shard_url_list(read_url_list(source), source.name, config.shard_size)]
+    shards = [shard for source in config.all_sources() for shard in _source_shards(source, config.shard_size)]
     folder = Path(config.root) / "urls"
     for key, shard in shards:
         path = folder / f"{key}.parquet"

@@ -19,10 +19,11 @@ from pathlib import Path
 import dagster as dg
 import pyarrow as pa
 
-from assets.pipeline import stage_code_versions
+from assets.pipeline import download_inputs, stage_code_versions
 from etl.config import PipelineConfig
 from etl.filter import dedup_version
 from etl.layout import DataLayout
+from etl.sources import imported_shards
 from etl.storage import read_parquet
 from orchestration import partitions
 from orchestration.records import current_version, latest_materializations
@@ -52,7 +53,8 @@ class Freshness:
         """A function of a partition key: the versions of the inputs the stage would read now."""
         layout = self.layout
         if asset == "downloaded":
-            return lambda shard: {"urls": current_version(None, layout.urls(shard))}
+            imported = imported_shards(self.config)
+            return lambda shard: download_inputs(current_version(None, layout.urls(shard)), imported.get(shard))
         if asset == "filtered":
             downloaded = self._current_versions("downloaded")
             winners = _winners(layout) if self.config.filter.dedup else None

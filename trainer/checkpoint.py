@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ import torch
 from etl.storage import write_atomic
 from trainer.encoders import EncodersConfig
 from trainer.model import MMDiT
+
+log = logging.getLogger(__name__)
 
 # The latest validation loss a checkpoint carries in its meta.json (trainer.loop), and so in Dagster.
 VALIDATION_KEYS = ("val_loss", "val_loss_ema", "val_step")
@@ -120,13 +123,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if _is_step_folder(path):
         return path
     latest = path / LATEST
+    steps = sorted(p for p in path.glob(f"{STEP_PREFIX}*") if _is_step_folder(p))
     if latest.is_file():
         named = path / latest.read_text().strip()
-        if not _is_step_folder(named):
+        if _is_step_folder(named):
+            return named
+        if not steps:
             raise CheckpointNotFoundError(f"{latest} names {named.name}, which is not a complete step folder")
-        return named
+        # Deleted by hand, or a crash while a step was saved again: the newest complete one, not a fresh start.
+        log.warning("%s names %s, which is not a complete step folder: using %s", latest, named.name, steps[-1].name)
+        return steps[-1]
     # A crash between renaming a step folder into place and writing `latest` leaves no `latest`.
-    steps = sorted(p for p in path.glob(f"{STEP_PREFIX}*") if _is_step_folder(p))
     if steps:
         return steps[-1]
     raise CheckpointNotFoundError(

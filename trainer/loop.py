@@ -36,7 +36,7 @@ from trainer.config import TrainConfig
 from trainer.ema import EMA
 from trainer.feeder import LocalFeeder, is_checkpoint_step
 from trainer.flow import CFGDropout, flow_loss
-from trainer.lr_schedule import build_scheduler
+from trainer.lr_schedule import apply_optimizer_settings, build_scheduler, continue_schedule
 from trainer.metrics import MetricsLogger
 from trainer.model import MMDiT, MMDiTConfig
 from trainer.resume import ResumePoint, fresh_seed, restore_rng
@@ -137,17 +137,21 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
     # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so fp16 support would not change
     # the checkpoint format.
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + ctx.rank)
-    start_step, wandb_run_id = 0, None
+    generator = torch.Generator(device).manual_seed(fresh_seed(cfg.train.seed, "model", 0, ctx.rank))
+    # A finetune that keeps the old wandb run logs after its steps: wandb drops a step lower than one logged.
+    start_step, wandb_run_id, wandb_step_offset = 0, None, 0
 
-    if cfg.checkpoint.init_from is not None:
+    # A finetune needs the old run's state only for what it keeps (a weights-only checkpoint has none).
+    if cfg.checkpoint.init_from is not None and not (cfg.checkpoint.reset_optimizer and cfg.checkpoint.reset_logger):
         init_state = load_trainer_state(cfg.checkpoint.init_from)
-        if not cfg.checkpoint.reset_optimizer:
+        if not cfg.checkpoint.reset_optimizer:  # its moments; the new run's settings and lr schedule
             optimizer.load_state_dict(init_state["optimizer"])
-            for group_settings in optimizer.param_groups:  # the new run's lr schedule, not the old run's
+            apply_optimizer_settings(optimizer, tuple(cfg.train.betas), cfg.train.weight_decay)
+            for group_settings in optimizer.param_groups:
                 group_settings["lr"] = group_settings["initial_lr"] = cfg.train.lr
         if not cfg.checkpoint.reset_logger:
             wandb_run_id = init_state.get("wandb_run_id")
+            wandb_step_offset = init_state.get("wandb_step_offset", 0) + init_state["step"]
     # Built after a finetuning run took over the old optimizer state, so the new run's warmup applies.
     scheduler = build_scheduler(optimizer, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps,
                                 cfg.train.total_steps, cfg.train.lr_schedule)
@@ -158,8 +162,15 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
         state = load_trainer_state(step_dir)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The loaded state holds the saved run's settings; the config's go on from the saved step.
+        changed = continue_schedule(scheduler, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps,
+                                    cfg.train.total_steps, cfg.train.lr_schedule)
+        changed += apply_optimizer_settings(optimizer, tuple(cfg.train.betas), cfg.train.weight_decay)
+        if changed and ctx.group_rank == 0:
+            log.warning("--resume with changed settings, applied from step %d on: %s", state["step"], "; ".join(changed))
         scaler.load_state_dict(state["scaler"])
         start_step, wandb_run_id = state["step"], state["wandb_run_id"]
+        wandb_step_offset = state.get("wandb_step_offset", 0)
         restore_rng(ctx.resume, cfg.train.seed, ctx.rank, device)  # again: build_model seeded them
         if ctx.resume.same_topology:
             generator.set_state(ctx.resume.rank_state["generator"])
@@ -173,7 +184,8 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
     metrics = None
     if ctx.group_rank == 0:
         metrics = MetricsLogger(cfg.checkpoint.dir, cfg.train.total_steps, start_step, cfg.log.wandb_mode,
-                                cfg.log.wandb_project, wandb_run_id, ctx.run_config, cfg.log.progress, cfg.log.every)
+                                cfg.log.wandb_project, wandb_run_id, ctx.run_config, cfg.log.progress, cfg.log.every,
+                                wandb_step_offset)
     drop = CFGDropout(cfg.train.null_prob_pooled, tuple(cfg.train.null_prob_text))
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     accumulation = cfg.train.accumulation_steps
@@ -232,7 +244,8 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
                 sampler.log(ema.model, metrics, step)
             if is_checkpoint_step(step, cfg.checkpoint.every, cfg.train.total_steps):
                 _checkpoint(cfg, ctx, step, loss_mean, model, ema, optimizer, scheduler, scaler, generator,
-                            metrics.run_id if metrics is not None else None, last_validation)
+                            {"wandb_run_id": metrics.run_id if metrics is not None else None,
+                             "wandb_step_offset": wandb_step_offset}, last_validation)
         ctx.source.close()
     finally:
         if metrics is not None:
@@ -240,7 +253,7 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
 
 
 def _checkpoint(cfg, ctx: ModelRankContext, step, loss, model, ema, optimizer, scheduler, scaler, generator,
-                wandb_run_id, validation: dict) -> None:
+                wandb_run: dict, validation: dict) -> None:
     own = {"role": "model", "rng_cpu": torch.get_rng_state(), "generator": generator.get_state(),
            "weights_sha256": weights_sha256(model)}
     if ctx.device.type == "cuda":
@@ -253,7 +266,7 @@ def _checkpoint(cfg, ctx: ModelRankContext, step, loss, model, ema, optimizer, s
     rank_files = wait_for_rank_states(cfg.checkpoint.dir, step, ctx.topology.world_size, cfg.topology.timeout_s)
     _check_model_ranks_agree(rank_files, ctx.topology.model_ranks, step)
     trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "wandb_run_id": wandb_run_id, "dataset_version": ctx.dataset_version}
+                     "scaler": scaler.state_dict(), **wandb_run, "dataset_version": ctx.dataset_version}
     meta = {"loss": loss, "dataset_version": ctx.dataset_version, "resolution": cfg.data.resolution,
             "topology": ctx.topology.to_record(), "images_per_step": images_per_step(cfg, ctx.num_model_ranks),
             **validation}

@@ -19,8 +19,8 @@ SCHEDULES = ("constant", "cosine")
 @dataclass
 class WarmupSchedule:
     """lr factor for optimizer step ``step`` (0-based): (step + 1) / warmup_steps during warmup, so the
-    first update already moves; then 1 (constant) or a half cosine from 1 down to min_lr / lr at
-    total_steps."""
+    first update already moves and update warmup_steps has the full lr; then 1 (constant) or a half cosine
+    down to min_lr / lr at the last update (step total_steps - 1)."""
 
     warmup_steps: int
     total_steps: int
@@ -41,11 +41,50 @@ class WarmupSchedule:
         if self.kind == "constant":
             return 1.0
         decay_steps = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        # The update after ``step`` updates: the last one (step total_steps - 1) is at min_lr.
+        progress = min(1.0, (step + 1 - self.warmup_steps) / decay_steps)
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _schedule(lr: float, min_lr: float, warmup_steps: int, total_steps: int, kind: str) -> WarmupSchedule:
+    return WarmupSchedule(warmup_steps, total_steps, kind, min_lr / lr if lr > 0 else 0.0)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, lr: float, min_lr: float, warmup_steps: int, total_steps: int,
                     kind: str) -> torch.optim.lr_scheduler.LambdaLR:
-    min_factor = min_lr / lr if lr > 0 else 0.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(warmup_steps, total_steps, kind, min_factor))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr, min_lr, warmup_steps, total_steps, kind))
+
+
+def continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float, min_lr: float, warmup_steps: int,
+                      total_steps: int, kind: str) -> list[str]:
+    """A loaded ``build_scheduler`` schedule going on under these settings from the step it reached (its
+    state holds the saved run's); returns what changed, described. Unchanged settings leave every lr as
+    it was, to the bit (the same product LambdaLR computes)."""
+    old, new = scheduler.lr_lambdas[0], _schedule(lr, min_lr, warmup_steps, total_steps, kind)
+    changes = [f"lr {scheduler.base_lrs[0]:g} -> {lr:g}"] if scheduler.base_lrs[0] != lr else []
+    changes += [f"{name} {getattr(old, name)} -> {getattr(new, name)}" for name in ("warmup_steps", "total_steps", "kind")
+                if getattr(old, name) != getattr(new, name)]
+    if not math.isclose(old.min_factor * scheduler.base_lrs[0], min_lr, rel_tol=1e-9, abs_tol=1e-30):
+        changes.append(f"min_lr {old.min_factor * scheduler.base_lrs[0]:g} -> {min_lr:g}")
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [new] * len(groups)
+    scheduler.base_lrs = [lr] * len(groups)
+    for group in groups:
+        group["initial_lr"] = lr
+        group["lr"] = lr * new(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+    return changes
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, betas: tuple[float, float],
+                             weight_decay: float) -> list[str]:
+    """The config's betas and weight decay on a loaded optimizer (its state holds the saved run's); returns
+    what changed, described."""
+    changes = set()
+    for group in optimizer.param_groups:
+        for name, value in (("betas", tuple(betas)), ("weight_decay", weight_decay)):
+            old = tuple(group[name]) if name == "betas" else group[name]
+            if old != value:
+                changes.add(f"{name} {old} -> {value}")
+            group[name] = value
+    return sorted(changes)

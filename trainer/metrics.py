@@ -39,11 +39,12 @@ def truncate_metrics(checkpoint_dir: Path, last_step: int) -> None:
 
 class MetricsLogger:
     def __init__(self, checkpoint_dir: Path, total_steps: int, start_step: int, wandb_mode: str, wandb_project: str,
-                 wandb_run_id: str | None, run_config: dict, progress: bool, every: int):
-        """``wandb_run_id`` resumes that wandb run (None starts a new one; read ``run_id`` to save it)."""
+                 wandb_run_id: str | None, run_config: dict, progress: bool, every: int, wandb_step_offset: int = 0):
+        """``wandb_run_id`` resumes that wandb run (None starts a new one; read ``run_id`` to save it); its
+        steps are logged ``wandb_step_offset`` later (a finetune going on in its source run's wandb run)."""
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"log.wandb_mode must be one of {list(WANDB_MODES)}, got {wandb_mode!r}")
-        self.checkpoint_dir, self.every = checkpoint_dir, every
+        self.checkpoint_dir, self.every, self.wandb_step_offset = checkpoint_dir, every, wandb_step_offset
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(checkpoint_dir, start_step)
         self._file = open(checkpoint_dir / METRICS_FILE, "a")
@@ -66,7 +67,7 @@ class MetricsLogger:
         self._file.write(json.dumps(values) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
+            self._wandb.log({k: v for k, v in values.items() if k != "step"}, step=values["step"] + self.wandb_step_offset)
         self._bar.update(1)
         if values["step"] % self.every == 0:
             self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
@@ -77,7 +78,8 @@ class MetricsLogger:
             return
         import wandb
 
-        self._wandb.log({"samples": [wandb.Image(img, caption=c) for img, c in zip(images, captions)]}, step=step)
+        self._wandb.log({"samples": [wandb.Image(img, caption=c) for img, c in zip(images, captions)]},
+                        step=step + self.wandb_step_offset)
 
     def close(self) -> None:
         self._bar.close()

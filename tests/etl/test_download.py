@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from etl.config import DownloadConfig
-from etl.download import download_shard, identify_image, import_img2dataset_output, reason_for, run_img2dataset
-from etl.schema import CANONICAL, REJECTS
+from etl.download import (download_shard, identify_image, img2dataset_shards, img2dataset_url_rows,
+                          import_img2dataset_shard, reason_for, run_img2dataset)
+from etl.schema import CANONICAL, REJECTS, StepResult
 from tests.etl.fault_server import VALID_JPEG, VALID_JPEG_SIZE, VALID_PNG, VALID_PNG_SIZE, FaultServer
 
 TIMEOUT = 1
@@ -189,6 +190,16 @@ def test_reason_for_urllib_messages(message, reason):
 # --- already-downloaded img2dataset output ----------------------------------------------------
 
 
+def import_folder(folder, source: str) -> StepResult:
+    """Every shard file of an img2dataset output folder, as the pipeline's download stage imports them."""
+    results = [import_img2dataset_shard(path, source) for path in img2dataset_shards(folder)]
+    for path, result in zip(img2dataset_shards(folder), results):  # the URL rows url_shards writes, images unread
+        rows = img2dataset_url_rows(path, source)["key"].to_pylist()
+        assert sorted(rows) == sorted(result.kept["key"].to_pylist() + result.rejects["key"].to_pylist())
+    return StepResult(kept=pa.concat_tables([r.kept for r in results]),
+                      rejects=pa.concat_tables([r.rejects for r in results]))
+
+
 @pytest.mark.parametrize("output_format", ["parquet", "webdataset"])
 def test_import_real_img2dataset_output(tmp_path, output_format):
     with FaultServer() as server:
@@ -218,7 +229,7 @@ def test_import_real_img2dataset_output(tmp_path, output_format):
                 "timeout": TIMEOUT,
             }
         )
-    result = import_img2dataset_output(tmp_path / "laion")
+    result = import_folder(tmp_path / "laion", "laion")
     assert result.counts == {"kept": 2, "decode_error": 1, "empty_body": 1, "http_404": 1}
     assert result.kept.schema == CANONICAL
     kept = {row["caption"]: row for row in result.kept.to_pylist()}
@@ -249,7 +260,7 @@ def test_import_plain_webdataset_tar(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    result = import_img2dataset_output(folder, source="web")
+    result = import_folder(folder, "web")
     [row] = result.kept.to_pylist()
     assert row["key"] == "web-a/000" and row["caption"] == "a red box" and row["url"] == "http://x/0.png"
     assert row["image"] == VALID_PNG and (row["width"], row["height"]) == VALID_PNG_SIZE
@@ -260,14 +271,15 @@ def test_import_plain_webdataset_tar(tmp_path):
     }
 
 
-def test_import_errors_name_the_folder(tmp_path):
+def test_import_errors_name_the_folder_or_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
-        import_img2dataset_output(tmp_path / "missing")
+        img2dataset_shards(tmp_path / "missing")
     with pytest.raises(ValueError, match="no img2dataset output"):
-        import_img2dataset_output(tmp_path)
+        img2dataset_shards(tmp_path)
     (tmp_path / "00000.tar").write_bytes(b"not a tar at all" * 100)
-    with pytest.raises(ValueError, match="00000.tar"):
-        import_img2dataset_output(tmp_path)
+    for read in (import_img2dataset_shard, img2dataset_url_rows):
+        with pytest.raises(ValueError, match="00000.tar"):
+            read(tmp_path / "00000.tar", "web")
 
 
 def png_header(width: int, height: int) -> bytes:

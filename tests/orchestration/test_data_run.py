@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import dagster as dg
@@ -197,3 +199,33 @@ def test_empty_url_list_runs_to_an_empty_index(tmp_path):
     assert result.returncode == 0, result.stderr
     for resolution in RESOLUTIONS:
         assert pq.read_table(tmp_path / "run" / "index" / f"{resolution}.parquet").num_rows == 0
+
+
+def test_already_downloaded_img2dataset_output_is_imported_not_fetched(tmp_path):
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    members = {}
+    for i, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+        members[f"{i:09d}.png"] = shape_png(colour)
+        members[f"{i:09d}.txt"] = f"a picture of colour {i}".encode()
+        members[f"{i:09d}.json"] = json.dumps({"url": f"http://127.0.0.1:9/{i}.png"}).encode()  # never fetched
+    members["000000003.txt"] = b"a caption without its image"
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    config = write_config(tmp_path, tmp_path / "unused.parquet",
+                          sources=[{"name": "wds", "kind": "img2dataset", "path": str(folder)}])
+    home = tmp_path / "home"
+    first = sd3("data", "run", "--config", str(config), home=home)
+    assert first.returncode == 0, first.stdout + first.stderr
+    layout = DataLayout(tmp_path / "run")
+    assert layout.shards() == ["wds-00000"]
+    for resolution in RESOLUTIONS:
+        keys = pq.read_table(layout.index(resolution))["key"].to_pylist()
+        assert sorted(keys) == ["wds-000000000", "wds-000000001", "wds-000000002"]
+    rejects = pq.read_table(layout.rejects("download", "wds-00000")).to_pylist()
+    assert [(r["key"], r["reason"]) for r in rejects] == [("wds-000000003", "missing_image")]
+    again = sd3("data", "run", "--config", str(config), home=home)
+    assert "[download_job] downloaded: 0 of 1 run(s), 1 up to date" in again.stdout, again.stdout

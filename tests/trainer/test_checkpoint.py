@@ -117,3 +117,6 @@ def test_without_latest_the_newest_complete_step_folder_is_used(models, tmp_path
     (tmp_path / "step_0000090").mkdir()  # no model/: not a checkpoint
     assert resolve_checkpoint(tmp_path) == tmp_path / "step_0000040"
     assert json.loads((tmp_path / "step_0000040" / "meta.json").read_text())["step"] == 40
+    # A `latest` naming a folder that is gone: the newest complete one, never a fresh start over the run.
+    (tmp_path / "latest").write_text("step_0000099\n")
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step_0000040"

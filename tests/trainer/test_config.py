@@ -74,9 +74,12 @@ def test_dotted_overrides_parse_yaml_values(tmp_path, monkeypatch):
             "model.overrides.text_len_per_encoder=16",
             "checkpoint.dir=elsewhere",
             "log.wandb_mode=offline",
+            "train.lr=3e-4",  # YAML 1.1 reads it as a string (no dot): still a number here, as the seed writes it
+            "train.min_lr=1E-6",
         ],
     )
     assert cfg.train.total_steps == 40 and cfg.train.betas == [0.9, 0.95]
+    assert (cfg.train.lr, cfg.train.min_lr) == (3e-4, 1e-6)
     assert cfg.topology.loader_to_model == {0: [1, 2, 3]}
     assert cfg.model.mmdit_config().max_res == 512 and cfg.encoders.text_len == 16
     assert cfg.checkpoint.dir == tmp_path / "elsewhere"  # typed on the command line: relative to the cwd
@@ -91,6 +94,7 @@ def test_dotted_overrides_parse_yaml_values(tmp_path, monkeypatch):
         ("model.overrides.max_resolution=512", "model.overrides.max_resolution"),
         ("train.batch_size=0", "train.batch_size"),
         ("train.batch_size=two", "train.batch_size"),
+        ("train.lr=fast", "train.lr: expected a number"),
         ("data.resolution=100", "data.resolution"),
         ("train.lr_schedule=linear", "train.lr_schedule"),
         ("log.wandb_mode=on", "log.wandb_mode"),

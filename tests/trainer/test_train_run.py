@@ -24,7 +24,8 @@ import torch
 import yaml
 
 from tests.trainer.demo_dataset import build_demo_dataset
-from trainer.checkpoint import checkpoint_metadata, load_model, load_rank_state, load_trainer_state, resolve_checkpoint
+from trainer.checkpoint import (TRAINER_STATE, checkpoint_metadata, load_model, load_rank_state, load_trainer_state,
+                                resolve_checkpoint)
 from trainer.data import BucketSampler, open_index
 from trainer.loop import weights_sha256
 from trainer.metrics import KEYS, read_metrics
@@ -392,7 +393,11 @@ def test_finetune_from_a_checkpoint_at_a_higher_max_res(reference_run, data_root
     config["topology"] = {"colocated": True, "prefetch": 1, "timeout_s": 20}
     config["train"].update(total_steps=1, lr=1e-12, warmup_steps=0, lr_schedule="constant", min_lr=0.0)
     config["model"]["overrides"]["max_res"] = 128
-    config["checkpoint"].update(init_from=str(reference_dir), reset_optimizer=True, reset_logger=True)
+    # Weights only (as save_weights writes them, or a checkpoint from elsewhere): with both resets, enough.
+    weights_only = tmp_path / "weights_only"
+    shutil.copytree(resolve_checkpoint(reference_dir), weights_only)
+    (weights_only / TRAINER_STATE).unlink()
+    config["checkpoint"].update(init_from=str(weights_only), reset_optimizer=True, reset_logger=True)
     result = run([sys.executable, TRAIN, "--config", str(write_config(tmp_path / "train.yaml", config))])
     assert result.returncode == 0, result.stderr[-5000:]
     tuned = load_model(run_dir, prefer_ema=False)

@@ -24,7 +24,7 @@ from trainer.checkpoint import (
 from trainer.ema import EMA
 from trainer.encoders import EncodersConfig
 from trainer.feeder import is_checkpoint_step
-from trainer.lr_schedule import WarmupSchedule, build_scheduler
+from trainer.lr_schedule import WarmupSchedule, apply_optimizer_settings, build_scheduler, continue_schedule
 from trainer.metrics import KEYS, MetricsLogger, read_metrics
 from trainer.model import MMDiT
 
@@ -36,10 +36,10 @@ def tiny_model(seed: int = 0) -> MMDiT:
 
 def test_warmup_then_cosine_reaches_min_lr():
     schedule = WarmupSchedule(warmup_steps=4, total_steps=14, kind="cosine", min_factor=0.1)
-    assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert schedule(4) == 1.0
-    assert schedule(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert schedule(14) == pytest.approx(0.1) and schedule(100) == pytest.approx(0.1)
+    assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # update 4 (step 3) has the full lr
+    assert schedule(8) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert schedule(13) == pytest.approx(0.1) and schedule(100) == pytest.approx(0.1)  # the last update: min_lr
+    assert 0.1 < schedule(12) < schedule(4) < 1.0
     constant = WarmupSchedule(warmup_steps=2, total_steps=10, kind="constant")
     assert [constant(s) for s in (0, 1, 2, 9, 50)] == [0.5, 1.0, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="lr_schedule"):
@@ -60,6 +60,34 @@ def test_scheduler_state_round_trips_with_weights_only(tmp_path):
     for _ in range(3):
         optimizer.step(), scheduler.step(), fresh_optimizer.step(), fresh.step()
         assert fresh.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_a_resumed_schedule_follows_changed_settings_and_keeps_unchanged_ones_to_the_bit():
+    def run(steps, resume_from=None, **settings):
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.AdamW([param], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
+        scheduler = build_scheduler(optimizer, 1e-3, 1e-4, warmup_steps=2, total_steps=10, kind="cosine")
+        changes = []
+        if resume_from is not None:
+            optimizer.load_state_dict(resume_from[0])
+            scheduler.load_state_dict(resume_from[1])
+            betas = settings.pop("betas", (0.9, 0.999))
+            new = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "total_steps": 10, "kind": "cosine", **settings}
+            changes = continue_schedule(scheduler, **new) + apply_optimizer_settings(optimizer, betas, 0.01)
+        lrs = []
+        for _ in range(steps):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step(), scheduler.step()
+        return lrs, (optimizer.state_dict(), scheduler.state_dict()), changes
+
+    whole, _, _ = run(10)
+    first, saved, _ = run(4)
+    rest, _, changes = run(6, resume_from=saved)
+    assert first + rest == whole and changes == []
+    longer, _, changes = run(16, resume_from=saved, total_steps=20, lr=5e-4, betas=(0.9, 0.95))
+    assert changes == ["lr 0.001 -> 0.0005", "total_steps 10 -> 20", "betas (0.9, 0.999) -> (0.9, 0.95)"]
+    assert longer[0] == pytest.approx(5e-4 * WarmupSchedule(2, 20, "cosine", 1e-4 / 5e-4)(4))
+    assert longer[-1] == pytest.approx(1e-4)
 
 
 def test_ema_moves_only_every_n_steps():
