@@ -22,8 +22,8 @@ from PIL import Image
 
 from etl.accounting import check_accounting, reject_where
 from etl.buckets import bucket_shard, bucket_size, bucket_stage, write_bucketed
-from etl.download import download_shard, img2dataset_stamp, import_img2dataset_shard
 from etl.config import PipelineConfig
+from etl.download import download_shard, img2dataset_stamp, import_img2dataset_shard
 from etl.filter import HASH_CANDIDATE_COLUMNS, dedup_version, duplicate_winners, filter_shard, hash_candidates
 from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys, with_dataset_version
 from etl.invariants import bucketed_violations
@@ -129,7 +129,8 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
 
     @dg.asset(group_name=GROUP, code_version=CODE_VERSION, kinds={"parquet"})
     def url_shards(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
-        """URL lists split into shards of `shard_size` rows; registers one partition per shard."""
+        """URL lists split into shards of `shard_size` rows (img2dataset output: a shard per shard file);
+        registers one partition per shard, and removes those of shards no source produces any more."""
         keys, removed = write_url_shards(pipeline.config)
         new = [k for k in keys if not context.instance.has_dynamic_partition(shards.name, k)]
         if new:
