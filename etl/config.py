@@ -151,6 +151,9 @@ class SourceConfig:
     url_col: str = "url"
     caption_col: str = "caption"
     extra_cols: list[str] = field(default_factory=list)
+    # cc12m_tsv only: false for a TSV without a header row, as CC12M ships: its columns are then
+    # [url_col, caption_col, *extra_cols] in that order.
+    header: bool = True
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():

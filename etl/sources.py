@@ -33,8 +33,10 @@ def _read_raw(source: SourceConfig) -> tuple[pa.Table, list[str]]:
         if path.stat().st_size == 0:
             return pa.table({}), []
         # CC12M captions hold quote characters freely: quoting would swallow tabs and newlines.
+        names = None if source.header else list(dict.fromkeys([source.url_col, source.caption_col, *source.extra_cols]))
         table = pacsv.read_csv(
             path,
+            read_options=pacsv.ReadOptions(column_names=names),
             parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
             convert_options=pacsv.ConvertOptions(
                 column_types={source.url_col: pa.string(), source.caption_col: pa.string()}

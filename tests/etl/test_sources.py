@@ -65,6 +65,14 @@ def test_cc12m_tsv_keeps_quotes_in_captions(tmp_path):
     assert table["punsafe"].null_count == 2
 
 
+def test_cc12m_tsv_without_a_header_row_as_cc12m_ships(tmp_path):
+    path = tmp_path / "cc12m.tsv"
+    path.write_text('http://a.com/1.jpg\ta "dog"\nhttp://a.com/2.jpg\ta cat <PERSON>\n')
+    table = read_url_list(SourceConfig(name="cc12m", path=path, kind="cc12m_tsv", header=False))
+    assert table["url"].to_pylist() == ["http://a.com/1.jpg", "http://a.com/2.jpg"]
+    assert table["caption"].to_pylist() == ['a "dog"', "a cat <PERSON>"]
+
+
 def test_missing_column_names_column_file_and_available(tmp_path):
     path = laion_parquet(tmp_path / "laion.parquet", 2)
     source = SourceConfig(name="laion", path=path, url_col="URL", caption_col="caption")
