@@ -78,9 +78,11 @@ class Feeder:
     def _loader(self) -> DataLoader:
         # batch_size=None: the sampler yields whole batches of index rows and the dataset decodes one
         # batch per item, so a batch never mixes buckets. Pinned batches copy to the GPU asynchronously.
-        return DataLoader(self.dataset, sampler=self.sampler, batch_size=None, num_workers=self.cfg.data.num_workers,
-                          persistent_workers=False, prefetch_factor=2 if self.cfg.data.num_workers else None,
-                          pin_memory=self.device.type == "cuda")
+        workers = self.cfg.data.num_workers
+        # A decode worker that hangs (not dies) would block this rank for ever: bounded like every peer.
+        return DataLoader(self.dataset, sampler=self.sampler, batch_size=None, num_workers=workers,
+                          persistent_workers=False, prefetch_factor=2 if workers else None,
+                          pin_memory=self.device.type == "cuda", timeout=self.cfg.topology.timeout_s if workers else 0)
 
     @torch.no_grad()
     def encode(self, item: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
