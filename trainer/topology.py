@@ -28,11 +28,14 @@ class TopologyError(ValueError):
 def derive_map(world_size: int, models_per_loader: int) -> dict[int, list[int]]:
     """Per group of ``1 + models_per_loader`` consecutive ranks the first loads: 8, 3 -> {0: [1, 2, 3], 4: [5, 6, 7]}.
 
-    A WORLD_SIZE the groups do not divide is an error: every loader feeds as many model ranks (``_check_map``).
+    Fewer ranks than one group make one loader feeding the rest (2, 3 -> {0: [1]}). A larger WORLD_SIZE the
+    groups do not divide is an error: every loader feeds as many model ranks (``_check_map``).
     """
     if models_per_loader < 1:
         raise TopologyError(f"models_per_loader must be at least 1, got {models_per_loader}")
     group = 1 + models_per_loader
+    if world_size < group:  # fewer ranks than one group: one loader feeds the rest
+        return {0: list(range(1, world_size))}
     if world_size % group:
         raise TopologyError(
             f"WORLD_SIZE {world_size} is not a multiple of 1 + models_per_loader = {group}: every loader must feed "

@@ -10,6 +10,7 @@ def test_derived_map_puts_a_loader_first_in_each_group():
     assert derive_map(8, 3) == {0: [1, 2, 3], 4: [5, 6, 7]}
     assert derive_map(4, 3) == {0: [1, 2, 3]}
     assert derive_map(6, 1) == {0: [1], 2: [3], 4: [5]}
+    assert derive_map(2, 3) == {0: [1]}  # fewer ranks than a group: one loader for the rest
     with pytest.raises(TopologyError, match="WORLD_SIZE 7 is not a multiple of 1 \\+ models_per_loader = 4"):
         derive_map(7, 3)  # the last loader would feed 2 model ranks, the first 3
 
