@@ -1,4 +1,5 @@
-"""The `content_hashes` asset's reads: whole downloaded shards (before) vs the four columns dedup needs (now).
+"""The `content_hashes` asset's reads: whole downloaded shards (before) vs the four columns dedup needs (now);
+and what a stage pays to record the content version of the shard it reads (read_parquet_versioned).
 
 Shards carry realistic payloads (random bytes, --payload-kb per row, stored as the downloaded stage stores
 them); every read is cold (the shards' pages dropped from the cache first), and the winners are asserted
@@ -26,7 +27,7 @@ from benchmarks.index_build import evict_from_page_cache  # noqa: E402
 from etl.config import FilterConfig  # noqa: E402
 from etl.filter import HASH_CANDIDATE_COLUMNS, duplicate_winners, hash_candidates  # noqa: E402
 from etl.schema import CANONICAL, conform  # noqa: E402
-from etl.storage import read_parquet, write_parquet_atomic  # noqa: E402
+from etl.storage import read_parquet, read_parquet_versioned, write_parquet_atomic  # noqa: E402
 
 TARGET_ROWS = 12_000_000  # CC12M
 
@@ -73,6 +74,14 @@ def main() -> None:
                 results[name], seconds = winners(paths, columns, cfg)
                 times[name].append(seconds)
         assert results["every column (before)"].equals(results["the hash columns (now)"])
+        reads: dict[str, list[float]] = {"read_parquet": [], "read_parquet_versioned": []}
+        for _ in range(args.repeats):
+            for name, read in (("read_parquet", read_parquet), ("read_parquet_versioned", read_parquet_versioned)):
+                evict_from_page_cache(paths)
+                start = time.perf_counter()
+                for path in paths:
+                    read(path)
+                reads[name].append(time.perf_counter() - start)
 
     print(f"{args.shards} shards x {args.rows_per_shard} rows, {size / 2**20:.0f} MiB, cold, "
           f"median of {args.repeats}")
@@ -82,6 +91,10 @@ def main() -> None:
         median = statistics.median(values)
         print(f"{name:>24} {median:>9.3f} {median / rows * 1e6:>8.1f} {median / rows * TARGET_ROWS / 60:>14.1f} "
               f"{baseline / median:>6.1f}x")
+    # What a stage pays to record the content version of the shard it reads (orchestration/freshness.py).
+    plain, versioned = (statistics.median(reads[name]) for name in ("read_parquet", "read_parquet_versioned"))
+    print(f"whole shards read, cold: read_parquet {plain:.3f} s, read_parquet_versioned {versioned:.3f} s "
+          f"({versioned / plain:.2f}x, {(versioned - plain) / (size / 2**30):.2f} s more per GiB)")
 
 
 if __name__ == "__main__":
