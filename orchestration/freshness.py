@@ -43,8 +43,8 @@ class Freshness:
         stale = []
         for key in keys:
             done = latest.get(str(key))
-            fresh = (done is not None and done.code_version == self.code_versions[asset]
-                     and done.inputs == current_inputs(key) and done.intact())
+            fresh = (done is not None and done.code_version == self.code_versions[asset]  # cheapest first
+                     and done.intact() and done.inputs == current_inputs(key))
             if not fresh:
                 stale.append(key)
         return stale
