@@ -176,6 +176,7 @@ class ClipScorer:
                                 max_length=self.max_tokens)
         out = self.model(**inputs.to(self.model.device))
         cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+        # Each pair floored at 0, as the CLIPScore paper defines it (torchmetrics floors the mean instead).
         return 100 * cosine.clamp(min=0).cpu()
 
 

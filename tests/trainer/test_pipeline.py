@@ -96,6 +96,12 @@ def test_every_sampler_runs(pipeline, sampler):
     assert image.size == (32, 48)
 
 
+def test_an_unknown_sampler_is_refused_before_any_text_is_encoded(pipeline, monkeypatch):
+    monkeypatch.setattr(pipeline.encoders, "encode_text", lambda prompts: pytest.fail("encoded the text"))
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+        pipeline.generate("a blue square", sampler="dpm")
+
+
 def test_trajectory_has_one_frame_per_step_ending_at_the_image(pipeline):
     images, frames = pipeline.generate("a yellow circle", steps=STEPS, width=32, height=16, seed=2, batch_size=2, trajectory=True)
     assert len(frames) == 2 and all(len(f) == STEPS for f in frames)
