@@ -13,7 +13,6 @@ import dagster as dg
 
 from etl.config import PipelineConfig
 from etl.layout import DataLayout
-from etl.storage import content_version
 from orchestration import partitions
 from orchestration.freshness import Freshness
 from orchestration.resources import PipelineResource
@@ -28,20 +27,26 @@ def url_list_fingerprints(config: PipelineConfig) -> dict[str, list[int]]:
 
 
 def shards_to_download(instance: dg.DagsterInstance, config: PipelineConfig) -> list[tuple[str, str]]:
-    """(shard, its URL list's version) of the registered shards whose download is not up to date: never
+    """(shard, its URL rows' version) of the registered shards whose download is not up to date: never
     downloaded, or their URL list grew since (the last shard of a growing list)."""
-    registered = instance.get_dynamic_partitions(partitions.shards.name)
-    layout = DataLayout(config.root)
-    return [(shard, content_version(layout.urls(shard))) for shard in Freshness(instance, config).to_run("downloaded", registered)
-            if layout.urls(shard).exists()]
+    return _stale_with(instance, config, "downloaded", instance.get_dynamic_partitions(partitions.shards.name),
+                       "urls")
 
 
 def shards_to_recaption(instance: dg.DagsterInstance, config: PipelineConfig) -> list[tuple[str, str]]:
-    """(shard, its filtered rows' version) of the filtered shards whose captions are not up to date: by the
-    rule `sd3 data run` skips by (orchestration/freshness.py), so a filter rewrite of the same rows is no reason."""
+    """(shard, its filtered rows' version) of the filtered shards whose captions are not up to date, by the
+    rule `sd3 data run` skips by (orchestration/freshness.py): a filter rewrite of the same rows is no reason."""
     layout = DataLayout(config.root)
-    filtered = [shard for shard in layout.shards() if layout.filtered(shard).exists()]
-    return [(shard, content_version(layout.filtered(shard))) for shard in Freshness(instance, config).to_run("recaptioned", filtered)]
+    return _stale_with(instance, config, "recaptioned",
+                       [shard for shard in layout.shards() if layout.filtered(shard).exists()], "filtered")
+
+
+def _stale_with(instance, config, asset: str, keys: list[str], name: str) -> list[tuple[str, str]]:
+    """(key, the version of input ``name`` it would read now) of the keys of ``asset`` to run: the version
+    makes each run key, so a run is requested again only once its input changed."""
+    freshness = Freshness(instance, config)
+    inputs = freshness.input_versions(asset)
+    return [(key, version) for key in freshness.to_run(asset, keys) if (version := (inputs(key) or {}).get(name))]
 
 
 def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJobDefinition]

@@ -39,7 +39,7 @@ class Freshness:
     def to_run(self, asset: str, keys: list) -> list:
         """The partition keys (as `sd3 data run` launches them) of ``asset`` that are not up to date."""
         latest = latest_materializations(self.instance, asset)
-        current_inputs = self._input_versions(asset)
+        current_inputs = self.input_versions(asset)
         stale = []
         for key in keys:
             done = latest.get(str(key))
@@ -49,7 +49,7 @@ class Freshness:
                 stale.append(key)
         return stale
 
-    def _input_versions(self, asset: str):
+    def input_versions(self, asset: str):
         """A function of a partition key: the versions of the inputs the stage would read now."""
         layout = self.layout
         if asset == "downloaded":
