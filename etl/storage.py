@@ -17,9 +17,19 @@ class CorruptShardError(RuntimeError):
     pass
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a folder. A rename is durable only once its folder is fsynced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """``write(file)`` into a temp file beside ``path``, fsync, rename: readers see the old file or the
-    new one, never a partial one, and a crash leaves no temp file behind."""
+    """``write(file)`` into a temp file beside ``path``, fsync, rename, fsync the folder: readers see the
+    old file or the new one, never a partial one, a crash leaves no temp file behind, and the new file
+    survives a power loss once this returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,6 +42,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
     return path
 
 

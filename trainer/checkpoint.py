@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from etl.storage import write_atomic
+from etl.storage import fsync_path, write_atomic
 from trainer.encoders import EncodersConfig
 from trainer.model import MMDiT
 
@@ -48,17 +48,9 @@ def step_folder(checkpoint_dir: str | os.PathLike, step: int) -> Path:
     return Path(checkpoint_dir) / f"{STEP_PREFIX}{step:07d}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in [*root.rglob("*"), root]:
-        _fsync(path)
+        fsync_path(path)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -87,7 +79,7 @@ def atomic_step_folder(step_dir: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             tmp.rename(step_dir)
-        _fsync(step_dir.parent)
+        fsync_path(step_dir.parent)
         write_text_atomic(step_dir.parent / LATEST, step_dir.name + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
