@@ -178,7 +178,7 @@ class EmaSection:
 class LogSection:
     wandb_mode: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "sd3-from-scratch"
-    every: int = 10
+    every: int = 10  # a wandb point (the window's means) and the console's figures; metrics.jsonl has every step
     sample_every: int = 0  # 0 = never
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 20

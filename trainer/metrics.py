@@ -1,6 +1,6 @@
 """Training metrics from rank 0 of the model group: one JSON line per optimizer step in
-``<checkpoint.dir>/metrics.jsonl``, the same values to wandb (disabled / offline / online), and a tqdm
-progress bar on the console.
+``<checkpoint.dir>/metrics.jsonl``, a point every ``log.every`` steps to wandb (disabled / offline /
+online), and a tqdm progress bar on the console.
 
 On ``--resume`` the lines of steps after the resumed checkpoint (written by the run that crashed) are
 dropped, so metrics.jsonl reads as one uninterrupted run.
@@ -19,6 +19,31 @@ from trainer.checkpoint import write_text_atomic
 METRICS_FILE = "metrics.jsonl"
 KEYS = ("step", "loss", "lr", "grad_norm", "images_per_s", "data_wait_frac")
 WANDB_MODES = ("disabled", "offline", "online")
+
+
+class WandbWindow:
+    """What goes to wandb: a point every ``every`` steps (the seed's ``log_steps``) summing up the steps
+    since the last point: loss and grad_norm averaged, images_per_s and data_wait_frac over the window's
+    time (a slow step weighs more), lr as of the point's step. A step with other values (a validation
+    loss, an evaluation) or the last step makes a point too, so the window never hides one."""
+
+    def __init__(self, every: int, last_step: int):
+        self.every, self.last_step, self.window = every, last_step, []
+
+    def add(self, values: dict) -> dict | None:
+        """The point to log at ``values["step"]``, or None."""
+        self.window.append(values)
+        step = values["step"]
+        if step % self.every and step != self.last_step and values.keys() <= set(KEYS):
+            return None
+        window, self.window = self.window, []
+        seconds = [1.0 / v["images_per_s"] for v in window]  # a step's time, in units of its constant image count
+        point = {k: v for k, v in values.items() if k != "step"}
+        point["loss"] = sum(v["loss"] for v in window) / len(window)
+        point["grad_norm"] = sum(v["grad_norm"] for v in window) / len(window)
+        point["images_per_s"] = len(window) / sum(seconds)
+        point["data_wait_frac"] = sum(v["data_wait_frac"] * t for v, t in zip(window, seconds)) / sum(seconds)
+        return point
 
 
 def read_metrics(checkpoint_dir: str | os.PathLike) -> list[dict]:
@@ -45,6 +70,7 @@ class MetricsLogger:
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"log.wandb_mode must be one of {list(WANDB_MODES)}, got {wandb_mode!r}")
         self.checkpoint_dir, self.every, self.wandb_step_offset = checkpoint_dir, every, wandb_step_offset
+        self._window = WandbWindow(every, total_steps)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(checkpoint_dir, start_step)
         self._file = open(checkpoint_dir / METRICS_FILE, "a")
@@ -66,8 +92,9 @@ class MetricsLogger:
             raise KeyError(f"metrics lack {sorted(missing)}")
         self._file.write(json.dumps(values) + "\n")
         self._file.flush()
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in values.items() if k != "step"}, step=values["step"] + self.wandb_step_offset)
+        point = self._window.add(values)
+        if self._wandb is not None and point is not None:
+            self._wandb.log(point, step=values["step"] + self.wandb_step_offset)
         self._bar.update(1)
         if values["step"] % self.every == 0:
             self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",

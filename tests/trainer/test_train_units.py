@@ -25,7 +25,7 @@ from trainer.ema import EMA
 from trainer.encoders import EncodersConfig
 from trainer.feeder import is_checkpoint_step
 from trainer.lr_schedule import WarmupSchedule, apply_optimizer_settings, build_scheduler, continue_schedule
-from trainer.metrics import KEYS, MetricsLogger, read_metrics
+from trainer.metrics import KEYS, MetricsLogger, WandbWindow, read_metrics
 from trainer.model import MMDiT
 
 
@@ -119,6 +119,26 @@ def test_metrics_truncated_to_the_resumed_step(tmp_path):
                             run_config={}, progress=False, every=1)
     resumed.close()
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_wandb_gets_a_point_every_log_every_steps_summing_up_its_window():
+    window = WandbWindow(every=3, last_step=8)
+    step_seconds = {1: 1.0, 2: 1.0, 3: 2.0, 4: 1.0, 5: 1.0, 6: 1.0, 7: 1.0, 8: 1.0}
+    points = {}
+    for step, seconds in step_seconds.items():
+        values = {"step": step, "loss": float(step), "lr": step / 100, "grad_norm": 2.0 * step,
+                  "images_per_s": 8 / seconds, "data_wait_frac": 0.5 if step == 3 else 0.0}
+        if step == 5:
+            values["val_loss"] = 0.25
+        point = window.add(values)
+        if point is not None:
+            points[step] = point
+    assert sorted(points) == [3, 5, 6, 8]  # the cadence, the step with a validation loss, the last step
+    assert points[3] == pytest.approx({"loss": 2.0, "lr": 0.03, "grad_norm": 4.0, "images_per_s": 24 / 4.0,
+                                       "data_wait_frac": 0.5 * 2.0 / 4.0})
+    assert points[5] == pytest.approx({"loss": 4.5, "lr": 0.05, "grad_norm": 9.0, "images_per_s": 8.0,
+                                       "data_wait_frac": 0.0, "val_loss": 0.25})
+    assert points[6]["loss"] == 6.0 and points[8]["loss"] == 7.5
 
 
 def test_wandb_offline_run_gets_an_id(tmp_path):
