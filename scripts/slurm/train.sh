@@ -4,7 +4,7 @@
 #   sbatch --nodes=4 scripts/slurm/train.sh configs/train/reference-256.yaml \
 #       'topology.loader_to_model={0: [2, 3, 4], 1: [5, 6, 7], 8: [10, 11, 12], 9: [13, 14, 15], 16: [18, 19, 20], 17: [21, 22, 23], 24: [26, 27, 28], 25: [29, 30, 31]}'
 #
-# Every rank validates the topology against WORLD_SIZE (nodes x GPUS_PER_NODE) before it starts: a map
+# Every rank validates the topology against WORLD_SIZE (nodes x GPUs per node) before it starts: a map
 # written for one node fails with the ranks it lacks. checkpoint.dir must be on a filesystem every node
 # sees (each rank stages its own part of a checkpoint there). The job always passes --resume, so a
 # requeued or restarted job continues from the last checkpoint (and a first start begins at step 0).
@@ -27,7 +27,11 @@ HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
 # One scripts/train_node.sh per node (sbatch runs this file from a spool copy, so the path is the
 # submitting directory's: submit from the repository root). --kill-on-bad-exit: one failed node ends the
-# others at once (each rank also ends on its own within topology.timeout_s).
-NNODES="$SLURM_JOB_NUM_NODES" NPROC_PER_NODE="${GPUS_PER_NODE:-8}" RDZV_ID="$SLURM_JOB_ID" \
-RDZV_ENDPOINT="$HEAD_NODE:${RDZV_PORT:-29500}" \
+# others at once (each rank also ends on its own within topology.timeout_s). Since Slurm 22.05 srun does
+# not inherit --cpus-per-task from sbatch: without passing it on, a node's ranks and their decode workers
+# would share one core. Ranks per node: GPUS_PER_NODE if set, else one per GPU the step sees
+# (train_node.sh). The rendezvous port follows the job id, so two jobs on one head node do not collide.
+export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
+NNODES="$SLURM_JOB_NUM_NODES" NPROC_PER_NODE="${GPUS_PER_NODE:-}" RDZV_ID="$SLURM_JOB_ID" \
+RDZV_ENDPOINT="$HEAD_NODE:${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}" \
     srun --kill-on-bad-exit=1 --ntasks-per-node=1 scripts/train_node.sh "$CONFIG" --resume "$@"
