@@ -26,7 +26,6 @@ from trainer.checkpoint import (
     CheckpointWriteError,
     write_text_atomic,
     load_trainer_state,
-    resolve_checkpoint,
     save_checkpoint,
     save_rank_state,
     wait_for_rank_states,
@@ -55,6 +54,9 @@ class ModelRankContext:
     device: torch.device
     dataset_version: str
     resume: ResumePoint | None  # the checkpoint to continue from
+    # The step folder to finetune from (checkpoint.init_from, resolved once at start); None when resuming: the
+    # run's own checkpoint then holds everything, so its source may be gone.
+    init_from: Path | None
     source: object  # BatchReceiver or LocalFeeder: get() -> (batch or None, seconds waited)
     run_config: dict  # the whole TrainConfig as plain values, for wandb
     validation: ValidationSet | None = None  # this rank's share of the held-out batches
@@ -88,15 +90,14 @@ def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
     return MMDiT.from_pretrained(folder, low_cpu_mem_usage=False).state_dict()  # see checkpoint.load_model
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> MMDiT:
+def build_model(cfg: TrainConfig, device: torch.device, init_from: Path | None = None) -> MMDiT:
     """The MMDiT of the config, from the seed (every model rank builds the same one; DDP broadcasts rank
-    0's anyway), or with the weights of ``checkpoint.init_from`` when finetuning."""
+    0's anyway), or with the weights of the step folder ``init_from`` when finetuning."""
     torch.manual_seed(cfg.train.seed)
     model = MMDiT.from_preset(cfg.model.preset, **cfg.model.overrides)
-    if cfg.checkpoint.init_from is not None:
-        source = resolve_checkpoint(cfg.checkpoint.init_from)
-        model.load_state_dict(_weights_of(source / "model"))
-        log.info("finetuning from the weights of %s", source)
+    if init_from is not None:
+        model.load_state_dict(_weights_of(init_from / "model"))
+        log.info("finetuning from the weights of %s", init_from)
     return model.to(device)
 
 
@@ -121,10 +122,10 @@ def _check_model_ranks_agree(rank_files: list[Path], model_ranks: list[int], ste
 
 def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
     device, group = ctx.device, ctx.group
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, ctx.init_from)
     ema = EMA(model, cfg.ema.decay, cfg.ema.every, device="cpu" if cfg.ema.device == "cpu" else None)
-    if cfg.checkpoint.init_from is not None and (resolve_checkpoint(cfg.checkpoint.init_from) / "ema").is_dir():
-        ema.load_state_dict(_weights_of(resolve_checkpoint(cfg.checkpoint.init_from) / "ema"))
+    if ctx.init_from is not None and (ctx.init_from / "ema").is_dir():
+        ema.load_state_dict(_weights_of(ctx.init_from / "ema"))
 
     ddp = DistributedDataParallel(model, process_group=group, device_ids=[device.index] if device.type == "cuda" else None)
     prime_gradient_buckets(ddp, device)
@@ -142,8 +143,8 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
     start_step, wandb_run_id, wandb_step_offset = 0, None, 0
 
     # A finetune needs the old run's state only for what it keeps (a weights-only checkpoint has none).
-    if cfg.checkpoint.init_from is not None and not (cfg.checkpoint.reset_optimizer and cfg.checkpoint.reset_logger):
-        init_state = load_trainer_state(cfg.checkpoint.init_from)
+    if ctx.init_from is not None and not (cfg.checkpoint.reset_optimizer and cfg.checkpoint.reset_logger):
+        init_state = load_trainer_state(ctx.init_from)
         if not cfg.checkpoint.reset_optimizer:  # its moments; the new run's settings and lr schedule
             optimizer.load_state_dict(init_state["optimizer"])
             apply_optimizer_settings(optimizer, tuple(cfg.train.betas), cfg.train.weight_decay)

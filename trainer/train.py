@@ -27,20 +27,22 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
-from etl.config import to_mapping
+from etl.config import ConfigError, to_mapping
 from etl.index import bucket_order_version, dataset_version
 from trainer.checkpoint import CheckpointNotFoundError, clean_stale_writes, resolve_checkpoint, save_rank_state
 from trainer.config import load_train_config
-from trainer.data import BucketSampler, open_index
+from trainer.data import BucketSampler, DataError, open_index
+from trainer.evaluation import EvalSetupError
 from trainer.feeder import Feeder, LocalFeeder, run_loader
 from trainer.loop import ModelRankContext, images_per_step, train_model_rank
 from trainer.resume import ResumePoint, feeder_state, restore_rng, resume_point
-from trainer.topology import Topology, new_groups
+from trainer.topology import Topology, TopologyError, new_groups
 from trainer.transport import BatchReceiver
 from trainer.validation import plan_validation, split_holdout
 
 log = logging.getLogger("trainer")
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun tells a rank to write its error
+SETUP_ERRORS = (ConfigError, TopologyError, DataError, CheckpointNotFoundError, EvalSetupError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -143,6 +145,9 @@ def run(args: argparse.Namespace) -> None:
     sampler_version = f"{order}-holdout{cfg.data.holdout_fraction:g}" if cfg.data.holdout_fraction else order
     resume_from = _resume_dir(cfg, args.resume)
     resume = resume_point(resume_from, topology, rank) if resume_from is not None else None
+    # Resolved here so a wrong path fails before the process group starts, and every use reads the same step.
+    init_from = (resolve_checkpoint(cfg.checkpoint.init_from)
+                 if cfg.checkpoint.init_from is not None and resume_from is None else None)
     if rank == 0:
         log.info("%s; data version %s; %s", topology.describe(), version,
                  f"resuming from {resume_from}" if resume_from else "starting at step 0")
@@ -182,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
         model_ranks = topology.model_ranks
         ctx = ModelRankContext(
             rank=rank, topology=topology, group=model_group, group_rank=model_ranks.index(rank), device=device,
-            dataset_version=version, resume=resume, source=source, run_config=to_mapping(cfg),
+            dataset_version=version, resume=resume, init_from=init_from, source=source, run_config=to_mapping(cfg),
             validation=None if validation is None else validation.validation_set(shares[rank], validation_batches,
                                                                                  cfg.log.val_timesteps),
         )
@@ -223,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except BaseException as err:  # noqa: BLE001 - every failure must end this rank, with its reason
-        log.error("rank %s failed: %s: %s\n%s", rank, type(err).__name__, err, traceback.format_exc())
+        # A setup mistake's message says what to fix; a traceback (times every rank) would bury it.
+        where = "" if isinstance(err, SETUP_ERRORS) else "\n" + traceback.format_exc()
+        log.error("rank %s failed: %s: %s%s", rank, type(err).__name__, err, where)
         _record_for_torchrun(err)
         logging.shutdown()
         sys.stderr.flush()

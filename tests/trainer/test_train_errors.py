@@ -37,6 +37,8 @@ SETUP_ERRORS = {
                                   "ranks [2] of WORLD_SIZE 3 are neither loaders nor model ranks with a loader"),
     "batch_larger_than_every_bucket": (2, {"train": {"batch_size": 18}}, "batch of 18 is larger than every bucket"),
     "missing_resolution": (2, {"data": {"resolution": 128}}, "no index for resolution 128"),
+    "missing_init_from": (2, {"checkpoint": {"init_from": "/nonexistent/run"}}, "/nonexistent/run"),
+    "config_value": (2, {"train": {"lr": -1}}, "train.lr: must be positive, got -1"),
 }
 
 
@@ -73,6 +75,7 @@ def test_setup_error_ends_every_rank_with_its_reason(case, data_root, tmp_path):
         _, stderr = process.communicate(timeout=180)
         assert process.returncode != 0
         assert f"rank {rank} failed" in stderr and message in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]  # the message says what to fix; a traceback would bury it
     assert not (tmp_path / "run" / "latest").exists()
 
 

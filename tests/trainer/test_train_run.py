@@ -406,3 +406,9 @@ def test_finetune_from_a_checkpoint_at_a_higher_max_res(reference_run, data_root
     for a, b in zip(tuned.parameters(), source.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert source.final.linear.weight.abs().sum() > 0
+    # Resuming the finetune reads its own checkpoint: the weights it started from may be gone by then.
+    shutil.rmtree(weights_only)
+    config["train"]["total_steps"] = 2
+    result = run([sys.executable, TRAIN, "--config", str(write_config(tmp_path / "train.yaml", config)), "--resume"])
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert resolve_checkpoint(run_dir).name == "step_0000002" and "finetuning from" not in result.stderr
