@@ -24,6 +24,11 @@ class ConfigError(ValueError):
 _EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
+def _yaml_bool_hint(value: Any) -> str:
+    # YAML 1.1 (PyYAML) reads unquoted on/off/yes/no as booleans: `wandb_mode: off` arrives as False.
+    return " (YAML reads unquoted on/off/yes/no as true/false: quote the word)" if isinstance(value, bool) else ""
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -42,8 +47,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        if value not in typing.get_args(tp) or isinstance(value, bool) != isinstance(typing.get_args(tp)[0], bool):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}{_yaml_bool_hint(value)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -81,12 +86,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}{_yaml_bool_hint(value)}")
         return value
     if tp is Path:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{where}: expected a path, got {value!r}")
-        return Path(value)
+        return Path(value).expanduser()
     return value
 
 

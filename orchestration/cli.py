@@ -1,4 +1,4 @@
-"""The `sd3` command: data pipeline, lineage UI, sampling."""
+"""The `sd3` command: data pipeline, lineage UI, sampling and evaluation."""
 
 from __future__ import annotations
 

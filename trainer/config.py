@@ -250,6 +250,18 @@ class TrainConfig:
             )
 
 
+    def doubtful_settings(self) -> list[str]:
+        """Legal settings that are probably mistakes: rank 0 logs them as warnings at start."""
+        doubts = []
+        if self.train.warmup_steps >= self.train.total_steps:
+            doubts.append(f"train.warmup_steps {self.train.warmup_steps} >= train.total_steps {self.train.total_steps}: "
+                          f"the learning rate never reaches train.lr {self.train.lr:g}")
+        if self.ema.every > self.train.total_steps:
+            doubts.append(f"ema.every {self.ema.every} > train.total_steps {self.train.total_steps}: "
+                          "the EMA weights are never updated")
+        return doubts
+
+
 def _split_override(override: str) -> tuple[list[str], Any]:
     key, sep, raw = override.partition("=")
     path = key.strip().split(".")
@@ -262,12 +274,16 @@ def _split_override(override: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _absolute(base: Path, value: str) -> str:
+    return str((base / Path(value).expanduser()).resolve())
+
+
 def apply_overrides(data: dict, overrides: list[str], cwd: Path) -> dict:
     """``data`` with each dotted ``section.key=value`` set; path values made absolute against ``cwd``."""
     for override in overrides:
         path, value = _split_override(override)
         if tuple(path) in PATH_KEYS and isinstance(value, str):
-            value = str((cwd / value).resolve())
+            value = _absolute(cwd, value)
         node = data
         for depth, name in enumerate(path[:-1]):
             child = node.setdefault(name, {})
@@ -284,7 +300,7 @@ def _resolve_file_paths(data: dict, base: Path) -> None:
     for section, key in PATH_KEYS:
         values = data.get(section)
         if isinstance(values, dict) and isinstance(values.get(key), str):
-            values[key] = str((base / values[key]).resolve())
+            values[key] = _absolute(base, values[key])
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

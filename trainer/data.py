@@ -44,7 +44,8 @@ def open_index(root: str | Path, resolution: int) -> pa.Table:
     """``<root>/index/<resolution>.parquet``, with errors that say what is missing and what exists."""
     layout = DataLayout(Path(root))
     if not layout.root.is_dir():
-        raise DataError(f"data.root {layout.root} does not exist: run the data pipeline first (sd3 data ...)")
+        raise DataError(f"data.root {layout.root} does not exist: build it with the data pipeline "
+                        "(sd3 data run --config <pipeline.yaml>; `make demo` builds the demo's)")
     path = layout.index(resolution)
     if not path.exists():
         built = sorted(int(p.stem) for p in (layout.root / "index").glob("*.parquet") if p.stem.isdigit())

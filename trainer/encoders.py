@@ -53,7 +53,7 @@ class EncodersConfig:
 
     def __post_init__(self):
         if self.preset not in PRESETS:
-            raise ConfigError(f"encoders.preset: unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
+            raise ConfigError(f"preset: unknown encoder preset {self.preset!r} (known: {', '.join(PRESETS)})")
         base = PRESETS[self.preset]
         if self.vae is None:
             self.vae, self.vae_subfolder = base["vae"], base.get("vae_subfolder")
@@ -61,9 +61,9 @@ class EncodersConfig:
             if getattr(self, name) is None:
                 setattr(self, name, base[name])
         if self.text_len < 1 or self.text_dim < 1:
-            raise ConfigError("encoders: text_len and text_dim must be positive")
+            raise ConfigError(f"text_len, text_dim: must be positive, got {self.text_len}, {self.text_dim}")
         if self.text_batch_tokens < 1:
-            raise ConfigError(f"encoders.text_batch_tokens: must be positive, got {self.text_batch_tokens}")
+            raise ConfigError(f"text_batch_tokens: must be positive, got {self.text_batch_tokens}")
 
     def to_config_dict(self) -> dict:
         return to_mapping(self)

@@ -1,6 +1,6 @@
 r"""`sd3 eval`: FID (and a CLIP score) of a checkpoint's images for a prompt list, against reference images.
 
-    sd3 eval --checkpoint runs/demo/checkpoints --prompts prompts.txt --reference data/buckets/256 \
+    sd3 eval --checkpoint demo_data/runs/demo --prompts prompts.txt --reference data/buckets/256 \
         --inception weights/pt_inception-2015-12-05-6726825d.pth --clip weights/clip-vit-base-patch32 \
         --out report.json
 
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.sample_cli import DTYPES, add_generation_arguments
+from trainer.sample_cli import DTYPES, add_generation_arguments, pick_device
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -42,20 +42,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     # torch and the models load here, not at import, so the rest of `sd3` starts fast.
-    import torch
-
     from etl.config import ConfigError
     from etl.storage import CorruptShardError
     from trainer.checkpoint import CheckpointNotFoundError, resolve_checkpoint, write_text_atomic
     from trainer.evaluation import Evaluator, GenerationSettings, read_prompts
     from trainer.pipeline import Pipeline, check_size
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     settings = GenerationSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=args.width,
                                   height=args.height, seed=args.seed, batch_size=args.batch_size, shift=args.shift)
     try:
         # Settings first, then the feature networks, then the generator: a bad flag fails in seconds.
+        device, dtype = pick_device(args.device, args.dtype)
         check_size(args.width, args.height, 16)
         if args.steps < 1 or args.batch_size < 1:
             raise ValueError("--steps and --batch-size must be positive")

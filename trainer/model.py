@@ -398,7 +398,9 @@ class MMDiT(ModelMixin, ConfigMixin):
         """Cast for sampling in ``dtype``, the time embedding kept in fp32: cast too, the learned time scale
         would round to a multiple of 4 in bf16 (see TimeEmbedding). Training casts nothing (autocast)."""
         kept = {name: value.clone() for name, value in self.time_embed.state_dict().items()}
-        self.to(dtype)
+        # nn.Module's cast: ModelMixin.to warns on every dtype cast that modules "should be kept in float32",
+        # listing none (diffusers checks `[] is not None`); this method is what keeps the one that should.
+        nn.Module.to(self, dtype)
         self.time_embed.float().load_state_dict(kept)
         return self
 

@@ -29,10 +29,10 @@ def check_size(width: int, height: int, multiple: int) -> None:
     """Image sides must be multiples of ``multiple`` (VAE downsampling x patch size: 16 for SD3-style models)."""
     for name, side in (("width", width), ("height", height)):
         if side < multiple or side % multiple:
-            lower, upper = max(multiple, side // multiple * multiple), (side // multiple + 1) * multiple
+            lower, upper = side // multiple * multiple, (side // multiple + 1) * multiple
+            nearest = f"try {lower} or {upper}" if lower >= multiple else f"the smallest is {multiple}"
             raise ValueError(
-                f"{name} {side} is not a positive multiple of {multiple} (VAE downsampling x patch size); "
-                f"try {lower} or {upper}"
+                f"{name} {side} is not a positive multiple of {multiple} (VAE downsampling x patch size); {nearest}"
             )
 
 
@@ -107,6 +107,10 @@ class Pipeline:
             raise ValueError("give at least one prompt and a batch_size of at least 1")
         if sampler not in SAMPLERS:  # before minutes of text encoding, not after
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        max_res = self.model.config.max_res
+        if max(width, height) > 2 * max_res:
+            log.warning("sampling %dx%d, over twice the model's max_res of %d px: a model asked for images far larger "
+                        "than it trained on tends to repeat objects or lose the layout", width, height, max_res)
         seed = secrets.randbelow(2**31) if seed == -1 else seed
         log.info("sampling with seed %d (prompt i: seed + i)", seed)
 

@@ -1,6 +1,6 @@
-"""`sd3 sample`: images (and a GIF of the denoising) from a checkpoint.
+r"""`sd3 sample`: images (and a GIF of the denoising) from a checkpoint.
 
-    sd3 sample --checkpoint runs/demo/checkpoints --prompt "a red circle on a white background" \
+    sd3 sample --checkpoint demo_data/runs/demo --prompt "a red circle on a white background" \
         --steps 50 --cfg 5 --width 512 --height 512 --seed -1 --out img.png --gif traj.gif
 
 With --batch-size N > 1 the images go to img_0.png ... img_{N-1}.png (and traj_0.gif ...). Each PNG
@@ -49,6 +49,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def pick_device(requested: str | None, dtype: str | None):
+    """The torch device and dtype to generate on: cuda (bfloat16) when available unless told otherwise."""
+    import torch
+
+    try:
+        device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise ValueError(f"--device {requested}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: this machine has no usable CUDA device (torch {torch.__version__})")
+    return device, getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
 def numbered(path: Path, count: int) -> list[Path]:
     """``path`` for one output, ``stem_0.ext`` ... ``stem_{count-1}.ext`` for several."""
     if count == 1:
@@ -67,7 +80,6 @@ def _image_format(path: Path, flag: str) -> str:
 
 def run(args) -> int:
     # torch and the models load here, not at import, so the rest of `sd3` starts fast.
-    import torch
     from PIL.PngImagePlugin import PngInfo
 
     from etl.config import ConfigError
@@ -75,9 +87,8 @@ def run(args) -> int:
     from trainer.checkpoint import CheckpointNotFoundError
     from trainer.pipeline import Pipeline, check_size
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     try:
+        device, dtype = pick_device(args.device, args.dtype)
         # Fail on a bad size before spending minutes loading a 2B text encoder.
         check_size(args.width, args.height, 16)
         out_format = _image_format(args.out, "--out")

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--resume", action="store_true", help="continue from <checkpoint.dir>/latest")
     parser.add_argument("overrides", nargs="*", help="section.key=value, value parsed as YAML")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before, between or after the flags
 
 
 def _device(local_rank: int) -> torch.device:
@@ -151,6 +151,8 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         log.info("%s; data version %s; %s", topology.describe(), version,
                  f"resuming from {resume_from}" if resume_from else "starting at step 0")
+        for doubt in cfg.doubtful_settings():
+            log.warning(doubt)
         if resume is not None:
             _warn_about_changes(cfg, topology, resume)
 

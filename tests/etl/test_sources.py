@@ -162,3 +162,14 @@ def test_shards_no_source_produces_any_more_leave_the_dataset(tmp_path):
     config.shard_size = 4  # renumbered: the same keys, other rows
     assert write_url_shards(config) == (["laion-00000"], ["laion-00001"])
     assert read_parquet(config.root / "urls" / "laion-00000.parquet").num_rows == 3
+
+
+def test_pipeline_config_paths_are_relative_to_its_file_and_expand_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "pipeline.yaml").write_text(
+        "root: ../out\nsources:\n  - {name: web, kind: laion_parquet, path: ~/lists/urls.parquet}\n"
+    )
+    config = PipelineConfig.from_yaml(tmp_path / "configs" / "pipeline.yaml")
+    assert config.root == tmp_path / "out"
+    assert config.sources[0].path == tmp_path / "home" / "lists" / "urls.parquet"

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -97,11 +98,13 @@ def test_dotted_overrides_parse_yaml_values(tmp_path, monkeypatch):
         ("train.lr=fast", "train.lr: expected a number"),
         ("data.resolution=100", "data.resolution"),
         ("train.lr_schedule=linear", "train.lr_schedule"),
-        ("log.wandb_mode=on", "log.wandb_mode"),
+        ("log.wandb_mode=on", "as true/false: quote the word"),
         ("ema.decay=1.5", "ema.decay"),
         ("train.null_prob_text=[0.3]", "train.null_prob_text"),
         ("log.sample_every=10", "log.sample_prompts"),
         ("encoders.text_dim=32", "encoders.text_dim"),
+        ("encoders.preset=huge", "encoders.preset: unknown encoder preset"),
+        ("encoders.text_batch_tokens=0", "encoders.text_batch_tokens: must be positive"),
         ("model.overrides.num_heads=3", "num_heads"),
         ("topology.prefetch=0", "topology.prefetch"),
         ("train.total_steps", "section.key=value"),
@@ -109,8 +112,9 @@ def test_dotted_overrides_parse_yaml_values(tmp_path, monkeypatch):
     ],
 )
 def test_bad_values_and_unknown_keys_name_the_key(tmp_path, override, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")) as err:
         load_train_config(_write(tmp_path, MINIMAL), [override])
+    assert not re.search(r"\b(\w+)\.\1\.", str(err.value)), err.value  # a section named once, not twice
 
 
 def test_missing_required_key_and_missing_file_are_named(tmp_path):
@@ -119,3 +123,28 @@ def test_missing_required_key_and_missing_file_are_named(tmp_path):
         load_train_config(_write(tmp_path, data))
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_train_config(tmp_path / "nope.yaml")
+
+
+def test_command_line_overrides_may_surround_the_flags():
+    from trainer.train import parse_args
+
+    args = parse_args(["train.lr=1e-4", "--config", "demo.yaml", "log.every=5", "--resume", "train.seed=3"])
+    assert (args.config, args.resume) == (Path("demo.yaml"), True)
+    assert args.overrides == ["train.lr=1e-4", "log.every=5", "train.seed=3"]
+
+
+def test_legal_but_doubtful_settings_are_named(tmp_path):
+    doubts = load_train_config(_write(tmp_path, MINIMAL)).doubtful_settings()  # warmup 1000, EMA every 100
+    assert [d.split(" ")[0] for d in doubts] == ["train.warmup_steps", "ema.every"]
+    assert "never reaches train.lr" in doubts[0] and "never updated" in doubts[1]
+    fine = load_train_config(_write(tmp_path, MINIMAL), ["train.warmup_steps=2", "ema.every=5"])
+    assert fine.doubtful_settings() == []
+    for recipe in RECIPES:
+        assert load_train_config(recipe).doubtful_settings() == [], recipe.name
+
+
+def test_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = {**MINIMAL, "data": {"root": "~/data", "resolution": 64}}
+    cfg = load_train_config(_write(tmp_path, data), ["checkpoint.dir=~/runs/x"])
+    assert (cfg.data.root, cfg.checkpoint.dir) == (tmp_path / "home" / "data", tmp_path / "home" / "runs" / "x")

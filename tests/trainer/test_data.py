@@ -233,7 +233,7 @@ def test_a_corrupt_bucket_shard_is_named(demo_root, tmp_path):
 
 def test_open_index_errors_say_what_is_missing(demo_root, tmp_path):
     assert open_index(demo_root, RESOLUTION).num_rows == 48
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="nowhere does not exist: build it with the data pipeline .sd3 data run"):
         open_index(tmp_path / "nowhere", RESOLUTION)
     with pytest.raises(DataError, match=r"no index for resolution 256 .*resolutions: \[64\].*buckets.resolutions"):
         open_index(demo_root, 256)

@@ -180,7 +180,7 @@ def test_config_resolves_presets_and_rejects_bad_settings():
     assert (reference.vae, reference.vae_subfolder, reference.text_dim) == ("black-forest-labs/FLUX.1-dev", "vae", 2304)
     local = EncodersConfig(vae="/models/my-vae")
     assert local.vae_subfolder is None and local.gemma == "google/gemma-2-2b"
-    with pytest.raises(ConfigError, match="unknown preset"):
+    with pytest.raises(ConfigError, match="^preset: unknown encoder preset"):
         EncodersConfig(preset="huge")
     with pytest.raises(ConfigError, match="text_dim"):
         from_mapping(EncodersConfig, {"text_dim": "wide"})

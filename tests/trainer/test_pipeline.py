@@ -1,4 +1,5 @@
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -113,8 +114,10 @@ def test_trajectory_has_one_frame_per_step_ending_at_the_image(pipeline):
 def test_bad_sizes_are_clear_errors(pipeline):
     with pytest.raises(ValueError, match=r"width 50 is not a positive multiple of 16.*try 48 or 64"):
         pipeline.generate("a red circle", width=50, height=32)
-    with pytest.raises(ValueError, match="height 0"):
+    with pytest.raises(ValueError, match="height 0 .*the smallest is 16"):
         pipeline.generate("a red circle", width=32, height=0)
+    with pytest.raises(ValueError, match="height -16 .*the smallest is 16"):
+        pipeline.generate("a red circle", width=32, height=-16)
 
 
 def test_model_and_encoders_that_do_not_fit_are_refused():
@@ -135,6 +138,11 @@ def test_cli_rejects_bad_input_before_loading(tmp_path, capsys):
     assert "width 500 is not a positive multiple of 16" in capsys.readouterr().err
     assert run_cli("--checkpoint", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path / "a.png")) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_cli("--checkpoint", str(tmp_path), "--prompt", "x", "--device", "cuda", "--out", str(tmp_path / "a.png")) == 1
+        assert "--device cuda: this machine has no usable CUDA device" in capsys.readouterr().err
+    assert run_cli("--checkpoint", str(tmp_path), "--prompt", "x", "--device", "gpu", "--out", str(tmp_path / "a.png")) == 1
+    assert "--device gpu:" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
@@ -170,3 +178,11 @@ def test_sd3_sample_end_to_end_writes_pngs_and_gifs(checkpoint, tmp_path):
     )
     with Image.open(tmp_path / "out" / "img_1.png") as png:
         assert np.array_equal(pixels(png.convert("RGB")), pixels(images[1]))
+
+
+def test_sampling_far_above_max_res_warns(pipeline, caplog):
+    with caplog.at_level(logging.WARNING, logger="trainer.pipeline"):
+        pipeline.generate("a red circle", steps=1, width=512, height=512, seed=0)
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+        pipeline.generate("a red circle", steps=1, width=528, height=16, seed=0)
+    assert "sampling 528x16, over twice the model's max_res of 256 px" in caplog.text
