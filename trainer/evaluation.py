@@ -1,14 +1,15 @@
 """FID and CLIP score of images generated from a checkpoint, against a reference set of real images.
 
     evaluator = Evaluator(read_prompts("prompts.txt", "--prompts"), "buckets/256", inception="pt_inception.pth")
-    report = evaluator.evaluate(Pipeline.from_checkpoint("runs/demo/checkpoints"))  # {"fid": ..., ...}
+    report = evaluator.evaluate(Pipeline.from_checkpoint("demo_data/runs/demo"))  # {"fid": ..., ...}
 
 FID is torchmetrics' ``FrechetInceptionDistance``: the FID Inception-v3 of torch-fidelity with weights
 read from a local file (``pt_inception-2015-12-05-6726825d.pth``, the file torch-fidelity and pytorch-fid
 download; nothing is downloaded here), or any feature module given in code. The reference features are
 computed once per ``Evaluator`` and kept, so evaluating every N training steps only pays for the
-generated images. The CLIP score (100 x the cosine of image and prompt embeddings, floored at 0, as in
-torchmetrics) needs a local transformers CLIP folder (model + processor).
+generated images. The CLIP score (100 x the cosine of image and prompt embeddings, each pair floored at
+0 as the CLIPScore paper defines it; torchmetrics floors the mean) needs a local transformers CLIP
+folder (model + processor).
 
 Reference sets: a folder of image files, or bucketed parquet (a shard, or a folder of shards) with an
 ``image`` column of encoded bytes. An image that cannot be decoded is counted with its reason, never
@@ -125,8 +126,12 @@ def build_fid(inception: str | os.PathLike | None, setting: str, feature_extract
     except ModuleNotFoundError as err:  # torch-fidelity installed without a torchvision that imports
         raise EvalSetupError(f"cannot import torchmetrics' FID ({err}): torch-fidelity needs a torchvision "
                              "built for this torch; install it or uninstall torch-fidelity") from err
+    # One process holds every feature it scores. torchmetrics would otherwise gather its states over the
+    # WORLD group at compute(): in training only model rank 0 evaluates, so it would wait on ranks that never
+    # join, until the collective timeout.
+    local = {"reset_real_features": False, "sync_on_compute": False}
     if feature_extractor is not None:
-        return FrechetInceptionDistance(feature=feature_extractor, reset_real_features=False)
+        return FrechetInceptionDistance(feature=feature_extractor, **local)
     if inception is None:
         raise EvalSetupError(
             f"{setting}: FID needs the FID Inception-v3 weights as a local file ({INCEPTION_FILE}, which "
@@ -142,8 +147,7 @@ def build_fid(inception: str | os.PathLike | None, setting: str, feature_extract
     except Exception as err:  # torch.load raises anything from UnpicklingError to RuntimeError on a bad file
         raise EvalSetupError(f"{setting}: {path} is not a plain tensor state dict: {err}") from err
     try:
-        return FrechetInceptionDistance(feature=INCEPTION_FEATURES, reset_real_features=False,
-                                        feature_extractor_weights_path=str(path))
+        return FrechetInceptionDistance(feature=INCEPTION_FEATURES, feature_extractor_weights_path=str(path), **local)
     except ModuleNotFoundError as err:
         raise EvalSetupError(
             f"{setting}: the FID Inception needs torch-fidelity with a torchvision built for this torch "
@@ -215,6 +219,7 @@ class Evaluator:
         self.reference_counts: dict | None = None
 
     def _add_reference(self) -> None:
+        self._drop_reference()  # what an earlier, failed pass added
         rejected, used, batch = Counter(), 0, []
         for item in iter_reference(self.reference, f"{self.setting_prefix}reference"):
             if isinstance(item, ImageRejected):
@@ -230,6 +235,11 @@ class Evaluator:
             raise EvalSetupError(f"{self.setting_prefix}reference: FID needs at least 2 usable reference images, "
                                  f"{self.reference} gave {used} (rejected: {dict(rejected) or 'none'})")
         self.reference_counts = {"used": used, "rejected": dict(rejected)}
+
+    def _drop_reference(self) -> None:
+        self.fid.reset_real_features = True
+        self.fid.reset()
+        self.fid.reset_real_features = False
 
     @torch.no_grad()
     def _update(self, images: list[Image.Image], real: bool) -> int:

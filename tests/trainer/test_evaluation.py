@@ -1,5 +1,7 @@
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 from fractions import Fraction
 
@@ -13,7 +15,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from etl.config import ConfigError
 from etl.images import ImageRejected
-from etl.storage import write_parquet_atomic
+from etl.storage import CorruptShardError, write_parquet_atomic
 from orchestration.cli import main as sd3
 from trainer.checkpoint import save_weights, step_folder
 from trainer.config import load_train_config
@@ -315,3 +317,52 @@ def test_training_evaluation_logs_scores_and_writes_the_report(tmp_path, referen
     assert report["step"] == 4 and report["fid"] == scores["eval_fid"]
     assert report["generated"] == 2 and report["settings"]["width"] == 32 and report["settings"]["seed"] == 0
     assert report["reference"]["used"] == 6
+
+
+def test_a_retry_after_a_failed_reference_pass_counts_each_reference_image_once(checkpoint, tmp_path):
+    shards = tmp_path / "buckets" / "32"
+    images = [png_bytes(shape_image(["red", "blue", "grey"][i % 3], (32, 32), i)) for i in range(35)]
+    write_parquet_atomic(pa.table({"image": images[:33]}), shards / "shard-0.parquet")  # past one feature batch
+    (shards / "shard-1.parquet").write_bytes(b"a shard cut off mid-copy")
+    evaluator = Evaluator(PROMPTS, shards, feature_extractor=TinyFeatures(), feature_size=FEATURE_SIZE, settings=SETTINGS)
+    with pytest.raises(CorruptShardError, match="shard-1.parquet"):
+        evaluator.evaluate(pipeline=None)
+
+    write_parquet_atomic(pa.table({"image": images[33:]}), shards / "shard-1.parquet")
+    report = evaluator.evaluate(Pipeline.from_checkpoint(checkpoint))
+    assert report["reference"]["used"] == 35 and int(evaluator.fid.real_features_num_samples) == 35
+
+
+# Model rank 0 evaluates while the loader ranks feed batches and the other model ranks wait in the next
+# step's all-reduce: none of them joins a WORLD collective, so the metric must not start one.
+ONE_RANK_EVALUATES = """
+import sys, time
+from datetime import timedelta
+from pathlib import Path
+import torch, torch.distributed as dist
+from trainer.evaluation import build_fid
+
+rank, store, done = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=20))
+if rank == 1:
+    features = torch.nn.Flatten()
+    features.num_features = 4
+    fid = build_fid(None, "--inception", feature_extractor=features)
+    generator = torch.Generator().manual_seed(0)
+    fid.update(torch.randn(50, 4, 1, 1, generator=generator), real=True)
+    fid.update(torch.randn(50, 4, 1, 1, generator=generator) + 1, real=False)
+    done.write_text(f"{float(fid.compute()):.6f}")
+else:
+    deadline = time.monotonic() + 60
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+"""
+
+
+def test_fid_computes_on_one_rank_of_a_process_group(tmp_path):
+    done = tmp_path / "fid.txt"
+    ranks = [subprocess.Popen([sys.executable, "-c", ONE_RANK_EVALUATES, str(rank), str(tmp_path / "store"), str(done)],
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], errors
+    assert float(done.read_text()) > 0
