@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     import torch
 
 from etl.config import RecaptionConfig, to_mapping
-from etl.recaption.postprocess import clean_alt_text
 from etl.recaption.prompts import render_llm_prompts, render_vlm_prompts
 
 
@@ -28,10 +27,11 @@ class Captioner(Protocol):
 
 
 class AltTextCaptioner:
-    """The smoke backend: no model; the cleaned alt text is both the detailed and the short caption."""
+    """The smoke backend: no model; the alt text (cleaned by ``caption_rows``) is both the detailed and the
+    short caption. Cleaning it again would decode an entity twice: "&amp;lt;" is the text "&lt;"."""
 
     def detailed(self, images: list[Image.Image], alt_texts: list[str]) -> list[str]:
-        return [clean_alt_text(text) for text in alt_texts]
+        return list(alt_texts)
 
     def shorten(self, captions: list[str]) -> list[str]:
         return list(captions)

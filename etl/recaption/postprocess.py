@@ -50,10 +50,13 @@ _REFUSAL = re.compile(
     r"unfortunately|there is no caption|please provide)",
     re.IGNORECASE,
 )
-_CHATTER_TAIL = re.compile(r"\n\s*(?:let me know|i hope|note:|this caption)\b.*\Z", re.IGNORECASE | re.DOTALL)
+_CHATTER_TAIL = re.compile(r"\n\s*(?:(?:let me know|i hope|this caption)\b|note:).*\Z", re.IGNORECASE | re.DOTALL)
 _TAG = re.compile(r"<[^>]*>")
 _WHITESPACE = re.compile(r"\s+")
-_QUOTES = "\"'`“”‘’"
+# Opening quote -> its closing quote.
+_QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "“": "”", "‘": "’"}
+# The SPEC's short caption is one sentence of at most ~40 words; well past that, the LLM ignored the prompt.
+MAX_SHORT_WORDS = 60
 
 
 def clean_alt_text(text: str | None) -> str:
@@ -92,9 +95,19 @@ def clean_short_caption(caption: str) -> str:
     """The LLM's answer reduced to the caption: a "Here is the caption:" preamble, quotes and sign-offs go."""
     caption = _CHATTER_TAIL.sub("", _PREAMBLE.sub("", caption.strip()))
     caption = _WHITESPACE.sub(" ", caption).strip().strip("`").strip()
-    if len(caption) >= 2 and caption[0] in _QUOTES and caption[-1] in _QUOTES:
+    if _wrapped_in_quotes(caption):
         caption = caption[1:-1].strip()
     return strip_openings(caption)
+
+
+def _wrapped_in_quotes(caption: str) -> bool:
+    """The whole caption is one quotation: '"A dog."', not '"OPEN" sign under a "SALE" poster'."""
+    if len(caption) < 2 or _QUOTE_PAIRS.get(caption[0]) != caption[-1]:
+        return False
+    inner = caption[1:-1]
+    if caption[0] in "'‘":  # an apostrophe inside a word (dog's, '90s excepted) is not a quote
+        inner = re.sub(r"(?<=\w)['’](?=\w)", "", inner)
+    return caption[0] not in inner and caption[-1] not in inner
 
 
 def _words(caption: str) -> list[str]:
@@ -129,9 +142,12 @@ def detailed_failure(caption: str) -> tuple[str, str] | None:
 
 
 def short_failure(raw: str, cleaned: str) -> tuple[str, str] | None:
-    """Like ``detailed_failure`` for the LLM's answer, plus "chatter": a refusal or talk instead of a caption."""
+    """Like ``detailed_failure`` for the LLM's answer, plus "chatter" (a refusal or talk instead of a
+    caption) and "too_long" (more than MAX_SHORT_WORDS words: not the one short sentence asked for)."""
     if _REFUSAL.match(raw) or _REFUSAL.match(cleaned) or (cleaned and cleaned.rstrip().endswith("?")):
         return "chatter", f"not a caption: {raw.strip()[:80]!r}"
+    if word_count(cleaned) > MAX_SHORT_WORDS:
+        return "too_long", f"{word_count(cleaned)} words (at most {MAX_SHORT_WORDS})"
     return detailed_failure(cleaned)
 
 
@@ -140,7 +156,7 @@ def word_count(caption: str) -> int:
 
 
 class Verdict(NamedTuple):
-    """A cleaned caption, or why there is none (kind: empty, loop, too_few_words, chatter)."""
+    """A cleaned caption, or why there is none (kind: empty, loop, too_few_words, chatter, too_long)."""
 
     caption: str | None
     kind: str | None = None

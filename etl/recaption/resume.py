@@ -1,12 +1,15 @@
 """Finished recaption rows persisted in chunks, so a killed run resumes where it stopped.
 
-Each chunk is one parquet file written atomically (etl.storage), holding only the key and the outcome of
-each finished row; the images stay in the input shard. A chunk is either fully there or absent, so a
-re-run after a SIGKILL loses at most the chunk in progress and never duplicates a row.
+Each chunk is one parquet file written atomically (etl.storage), holding only the key, a fingerprint of
+the row's input (image and alt text) and the outcome of each finished row; the images stay in the input
+shard. A chunk is either fully there or absent, so a re-run after a SIGKILL loses at most the chunk in
+progress and never duplicates a row. A finished row counts only while its key and fingerprint both
+match the shard: keys are row positions in a source, so a rebuilt shard may give a key another image.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 OUTCOMES = pa.schema(
     [
         ("key", pa.string()),
+        ("input", pa.string()),  # input_fingerprint of the row captioned
         ("recaption", pa.string()),
         ("recaption_short", pa.string()),
         ("reason", pa.string()),  # null when the row was captioned
@@ -30,12 +34,26 @@ OUTCOMES = pa.schema(
 )
 
 MANIFEST = "manifest.json"
+# Part of the manifest: chunks written with another OUTCOMES schema are discarded, not misread.
+CHUNK_FORMAT = 2
+
+
+def input_fingerprints(table: pa.Table) -> list[str]:
+    """Per row, a hash of the image bytes and the alt text: what a caption was made from."""
+    fingerprints = []
+    for batch in table.select(["image", "caption"]).to_batches(max_chunksize=256):  # not all images at once
+        for image, caption in zip(batch.column("image").to_pylist(), batch.column("caption").to_pylist()):
+            digest = hashlib.blake2b(image or b"", digest_size=16)
+            digest.update(b"\0" + (caption or "").encode())
+            fingerprints.append(digest.hexdigest())
+    return fingerprints
 
 
 class ResumeChunks:
     """The chunk files in ``work_dir``; chunks made under another captioning setup are discarded."""
 
     def __init__(self, work_dir: str | os.PathLike, setup: dict):
+        setup = {**setup, "chunk_format": CHUNK_FORMAT}
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         manifest = self.work_dir / MANIFEST

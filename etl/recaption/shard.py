@@ -16,7 +16,7 @@ from etl.config import RecaptionConfig, to_mapping
 from etl.recaption.backends import AltTextCaptioner, Captioner, get_captioner
 from etl.recaption.postprocess import Verdict, clean_alt_text, judge_detailed, judge_short, word_count
 from etl.images import decode, open_image, to_rgb
-from etl.recaption.resume import OUTCOMES, ResumeChunks
+from etl.recaption.resume import OUTCOMES, ResumeChunks, input_fingerprints
 from etl.schema import StepResult, make_rejects
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ class RecaptionStats:
     rows: int
     captioned: int
     resumed: int  # rows finished by an earlier, interrupted run and read back from work_dir
-    failures: dict[str, int]  # by kind: loop, too_few_words, empty, chatter, undecodable, empty_caption
+    # By kind: loop, too_few_words, empty, chatter, too_long, undecodable, empty_caption.
+    failures: dict[str, int]
     mean_words_detailed: float
     mean_words_short: float
     seconds: float
@@ -68,7 +69,7 @@ def _failed(key: str, kind: str, message: str, reason: str = "caption_failed") -
 
 
 def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig) -> list[dict]:
-    """Outcome rows (schema ``OUTCOMES``) for input rows with key, caption and image, in the same order."""
+    """Outcome rows (``OUTCOMES`` less the input fingerprint) for rows with key, caption and image, in order."""
     outcomes: dict[str, dict] = {}
     alts = {row["key"]: clean_alt_text(row["caption"]) for row in rows}
     smoke = isinstance(captioner, AltTextCaptioner)
@@ -146,17 +147,16 @@ def recaption_shard(
         raise ValueError(f"recaption: duplicate key {duplicated!r} in the input shard")
 
     chunks = ResumeChunks(work_dir, _setup(cfg))
+    fingerprints = dict(zip(keys, input_fingerprints(table), strict=True))
     earlier = chunks.finished()
-    finished = set(earlier["key"].to_pylist())
-    done = finished & set(keys)
-    if finished and not done:
-        raise ValueError(
-            f"recaption: {work_dir} holds rows of another shard (e.g. key {next(iter(finished))!r}); delete it"
-        )
-    if finished - done:
-        # The filtered shard lost rows since (a new duplicate of an image elsewhere, a stricter filter).
-        log.warning("recaption: %d finished rows in %s are no longer in the shard; left out", len(finished - done),
-                    work_dir)
+    done = {key for key, fingerprint in zip(earlier["key"].to_pylist(), earlier["input"].to_pylist())
+            if fingerprints.get(key) == fingerprint}
+    stale = earlier.num_rows - len(done)
+    if stale:
+        # The filtered shard changed since: rows gone (a new duplicate elsewhere, a stricter filter) or, under
+        # the same key, another image or alt text (a rebuilt source). Those are captioned afresh.
+        log.warning("recaption: %d finished rows in %s no longer match the shard (gone or changed); not reused",
+                    stale, work_dir)
 
     todo = [i for i, key in enumerate(keys) if key not in done]
     started = time.perf_counter()
@@ -164,16 +164,19 @@ def recaption_shard(
         captioner = captioner or get_captioner(cfg)
         for start in range(0, len(todo), cfg.chunk_rows):
             rows = table.select(["key", "caption", "image"]).take(todo[start : start + cfg.chunk_rows]).to_pylist()
-            chunks.append(pa.Table.from_pylist(caption_rows(rows, captioner, cfg), schema=OUTCOMES))
+            outcomes = [{**outcome, "input": fingerprints[outcome["key"]]}
+                        for outcome in caption_rows(rows, captioner, cfg)]
+            chunks.append(pa.Table.from_pylist(outcomes, schema=OUTCOMES))
             if progress:
                 progress(len(done) + min(start + cfg.chunk_rows, len(todo)), len(keys))
     seconds = time.perf_counter() - started
 
-    return _assemble(table, chunks.finished(), resumed=len(done), seconds=seconds, ran=len(todo))
+    return _assemble(table, chunks.finished(), fingerprints, resumed=len(done), seconds=seconds, ran=len(todo))
 
 
-def _assemble(table: pa.Table, outcomes: pa.Table, resumed: int, seconds: float, ran: int) -> RecaptionResult:
-    by_key = {row["key"]: row for row in outcomes.to_pylist()}
+def _assemble(table: pa.Table, outcomes: pa.Table, fingerprints: dict[str, str], resumed: int, seconds: float,
+              ran: int) -> RecaptionResult:
+    by_key = {row["key"]: row for row in outcomes.to_pylist() if fingerprints.get(row["key"]) == row["input"]}
     rows = [by_key[key] for key in table["key"].to_pylist()]
     ok = [i for i, row in enumerate(rows) if row["reason"] is None]
     failed = [i for i, row in enumerate(rows) if row["reason"] is not None]

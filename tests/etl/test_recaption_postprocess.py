@@ -58,6 +58,14 @@ SHORT = [
     ("I cannot create a caption without more information.", None, "chatter"),
     ("Could you please provide the image caption you would like me to distill?", None, "chatter"),
     ("As an AI language model, I do not see images.", None, "chatter"),
+    ("A red ball on green grass.\nNote: I kept the caption under 40 words as requested.",
+     "A red ball on green grass.", None),
+    ("'A dog's red ball on the grass.'", "A dog's red ball on the grass.", None),
+    ('"OPEN" sign hangs on a door next to a poster reading "SALE"',
+     '"OPEN" sign hangs on a door next to a poster reading "SALE"', None),
+    ("'90s sports car parked outside a diner whose sign says 'DINER'",
+     "'90s sports car parked outside a diner whose sign says 'DINER'", None),
+    ("A golden retriever rests on a porch. " * 9, None, "too_long"),
     ("Taxi.", None, "too_few_words"),
     ("", None, "empty"),
 ]
@@ -95,6 +103,12 @@ def test_openings_inside_a_caption_are_kept():
 def test_loop_detection_leaves_ordinary_repetition_alone():
     assert find_loop("A red car, a red bus and a red bike parked on a red brick street.") is None
     assert find_loop("no text " * 7) is not None
+
+
+def test_the_smoke_backend_keeps_an_alt_text_cleaned_once(tmp_path):
+    table = canonical_table({"a": b"not an image"}, caption=["Tom &amp;amp; Jerry &amp;lt;3"])
+    result = recaption_shard(table, RecaptionConfig(), tmp_path / "work")
+    assert result.kept["recaption"].to_pylist() == ["Tom &amp; Jerry &lt;3"]
 
 
 def test_alt_text_cleaning():

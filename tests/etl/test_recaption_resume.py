@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pytest
 from PIL import Image
 
@@ -133,11 +134,30 @@ def test_a_shard_that_lost_rows_resumes_the_rows_it_still_has(tmp_path):
     assert again.stats.resumed == 3 and again.stats.rows == 3
 
 
-def test_a_work_dir_of_another_shard_is_an_error(tmp_path):
+def test_a_finished_row_whose_image_or_alt_text_changed_is_captioned_again(tmp_path):
+    # Keys are row positions in a source: a rebuilt source gives a key another image or alt text.
+    table = _shard(4)
+    recaption_shard(table, RecaptionConfig(chunk_rows=2), tmp_path / "work")
+    captions = table["caption"].to_pylist()
+    changed = table.set_column(table.column_names.index("caption"), "caption",
+                               pa.array(["a green frog on a leaf", *captions[1:]]))
+    images = changed["image"].to_pylist()
+    changed = changed.set_column(changed.column_names.index("image"), "image", pa.array([images[0], images[3], *images[2:]]))
+    again = recaption_shard(changed, RecaptionConfig(chunk_rows=2), tmp_path / "work")
+    assert again.stats.resumed == 2 and again.stats.captioned + again.rejects.num_rows == 4
+    assert again.kept.filter(pa.compute.equal(again.kept["key"], table["key"][0]))["recaption"].to_pylist() == [
+        "a green frog on a leaf"
+    ]
+    assert again.kept.equals(recaption_shard(changed, RecaptionConfig(), tmp_path / "fresh").kept)
+
+
+def test_a_work_dir_none_of_whose_rows_remain_starts_afresh(tmp_path):
     recaption_shard(_shard(4), RecaptionConfig(), tmp_path / "work")
     other = _shard(2).set_column(0, "key", pa.array(["other-1", "other-2"]))
-    with pytest.raises(ValueError, match="another shard"):
-        recaption_shard(other, RecaptionConfig(), tmp_path / "work")
+    result = recaption_shard(other, RecaptionConfig(), tmp_path / "work")
+    assert result.stats.resumed == 0
+    assert sorted(result.kept["key"].to_pylist() + result.rejects["key"].to_pylist()) == ["other-1", "other-2"]
+    assert recaption_shard(other.slice(0, 0), RecaptionConfig(), tmp_path / "work").stats.rows == 0
 
 
 def test_duplicate_keys_are_an_error(tmp_path):

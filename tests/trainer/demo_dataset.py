@@ -19,6 +19,7 @@ from etl.demo_source import make_demo_source
 from etl.index import build_index
 from etl.layout import DataLayout
 from etl.recaption.backends import AltTextCaptioner
+from etl.recaption.postprocess import clean_alt_text
 from etl.schema import CANONICAL, conform
 from etl.storage import read_parquet, write_parquet_atomic
 
@@ -29,7 +30,7 @@ SHARDS = 2  # more than one, so readers must keep several shard files apart
 def _canonical_rows(source_dir: Path, urls: pa.Table, first_row: int) -> pa.Table:
     captioner = AltTextCaptioner()
     alt_texts = urls["caption"].to_pylist()
-    detailed = captioner.detailed([], alt_texts)
+    detailed = captioner.detailed([], [clean_alt_text(text) for text in alt_texts])  # as caption_rows passes them
     columns: dict[str, list] = {name: [] for name in ("key", "url", "image", "width", "height", "sha256")}
     for offset, url in enumerate(urls["url"].to_pylist()):
         path = source_dir / "images" / url.rsplit("/", 1)[1]
