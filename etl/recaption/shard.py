@@ -33,7 +33,7 @@ class RecaptionStats:
     rows: int
     captioned: int
     resumed: int  # rows finished by an earlier, interrupted run and read back from work_dir
-    # By kind: loop, too_few_words, empty, chatter, too_long, undecodable, empty_caption.
+    # By kind: loop, too_few_words, empty, chatter, too_long, backend_error, undecodable, empty_caption.
     failures: dict[str, int]
     mean_words_detailed: float
     mean_words_short: float
@@ -68,6 +68,40 @@ def _failed(key: str, kind: str, message: str, reason: str = "caption_failed") -
     return {"key": key, "recaption": None, "recaption_short": None, "reason": reason, "detail": f"{kind}: {message}"}
 
 
+class _RowIsolation:
+    """Runs a captioner call on a batch and, when the batch raises, on each of its rows alone: a row the
+    model cannot take (a processor refusing an odd image, an OOM on one long prompt) then fails by itself,
+    instead of failing the shard on every retry. While no row has worked, an error is the backend's (no
+    GPU, a broken model), not a row's: it is raised."""
+
+    def __init__(self):
+        self.any_worked = False
+
+    def __call__(self, call: Callable[..., list[str]], *columns: list) -> list[str | Exception]:
+        try:
+            results = call(*columns)
+            self.any_worked = True
+            return results
+        except Exception as err:  # noqa: BLE001 -- retried row by row below; raised if it is the backend's
+            batch_error = err
+        results = []
+        for row in zip(*columns):
+            try:
+                results.append(call(*[[value] for value in row])[0])
+                self.any_worked = True
+            except Exception as err:  # noqa: BLE001 -- this row's failure, recorded as its rejection
+                results.append(err)
+        if not self.any_worked:
+            raise batch_error
+        log.warning("recaption: a batch of %d failed (%s: %s); %d of its rows failed alone", len(results),
+                    type(batch_error).__name__, batch_error, sum(isinstance(r, Exception) for r in results))
+        return results
+
+
+def _backend_error(err: Exception) -> Verdict:
+    return Verdict(None, "backend_error", f"{type(err).__name__}: {err}")
+
+
 def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig) -> list[dict]:
     """Outcome rows (``OUTCOMES`` less the input fingerprint) for rows with key, caption and image, in order."""
     outcomes: dict[str, dict] = {}
@@ -86,15 +120,16 @@ def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig) -
         except Exception as err:  # noqa: BLE001 -- any decoder error is this row's rejection, not the shard's
             outcomes[row["key"]] = _failed(row["key"], "undecodable", f"{type(err).__name__}: {err}")
 
+    isolated = _RowIsolation()
     detailed: dict[str, str] = {}
     for start in range(0, len(keys), cfg.batch_size):
         batch = keys[start : start + cfg.batch_size]
-        raw = captioner.detailed(images[start : start + cfg.batch_size], [alts[k] for k in batch])
+        raw = isolated(captioner.detailed, images[start : start + cfg.batch_size], [alts[k] for k in batch])
         if smoke:
             # Smoke runs keep any alt text: only an empty one is unusable.
             verdicts = [Verdict(text) if text else Verdict(None, "empty", "no usable alt text") for text in raw]
         else:
-            verdicts = judge_detailed(raw)
+            verdicts = _judged(raw, judge_detailed)
         for key, verdict in zip(batch, verdicts, strict=True):
             if verdict.caption is not None:
                 detailed[key] = verdict.caption
@@ -106,8 +141,8 @@ def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig) -
     keys = list(detailed)
     for start in range(0, len(keys), cfg.batch_size):
         batch = keys[start : start + cfg.batch_size]
-        raw = captioner.shorten([detailed[k] for k in batch])
-        verdicts = [Verdict(text) for text in raw] if smoke else judge_short(raw)
+        raw = isolated(captioner.shorten, [detailed[k] for k in batch])
+        verdicts = [Verdict(text) for text in raw] if smoke else _judged(raw, judge_short)
         for key, verdict in zip(batch, verdicts, strict=True):
             if verdict.caption is None:
                 outcomes[key] = _failed(key, verdict.kind, f"{verdict.message} (short caption)")
@@ -120,6 +155,11 @@ def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig) -
                     "detail": None,
                 }
     return [outcomes[row["key"]] for row in rows]
+
+
+def _judged(raw: list[str | Exception], judge: Callable[[list[str]], list[Verdict]]) -> list[Verdict]:
+    verdicts = iter(judge([text for text in raw if not isinstance(text, Exception)]))
+    return [_backend_error(text) if isinstance(text, Exception) else next(verdicts) for text in raw]
 
 
 def _setup(cfg: RecaptionConfig) -> dict:

@@ -171,3 +171,33 @@ def test_chunk_files_hold_outcomes_not_images(tmp_path):
     recaption_shard(_shard(3), RecaptionConfig(chunk_rows=8), tmp_path / "work")
     (chunk,) = (tmp_path / "work").glob("chunk-*.parquet")
     assert read_parquet(chunk).schema == OUTCOMES
+
+
+class RefusesOneImage:
+    """A backend whose processor rejects one image (real ones do, on extreme aspect ratios) and, if told
+    to, every image: the whole batch raises, as a transformers or vLLM batch does."""
+
+    def __init__(self, refused_width: int | None):
+        self.refused_width = refused_width
+
+    def detailed(self, images, alt_texts):
+        if self.refused_width is None or any(image.width == self.refused_width for image in images):
+            raise ValueError(f"image of width {self.refused_width} not supported")
+        return [f"A photo of {alt or 'something'} in bright colours." for alt in alt_texts]
+
+    def shorten(self, captions):
+        return [caption.replace("bright ", "") for caption in captions]
+
+
+def test_a_row_the_backend_rejects_fails_alone_and_a_broken_backend_fails_the_shard(tmp_path):
+    table = _shard(6)
+    refused = Image.open(io.BytesIO(table["image"][2].as_py())).width
+    cfg = RecaptionConfig(backend="transformers", batch_size=4, chunk_rows=6)
+    result = recaption_shard(table, cfg, tmp_path / "work", captioner=RefusesOneImage(refused))
+    assert result.kept.num_rows == 5 and result.rejects["key"].to_pylist() == [table["key"][2].as_py()]
+    assert result.rejects["detail"][0].as_py().startswith("backend_error: ValueError: image of width")
+    assert result.stats.failures == {"backend_error": 1}
+
+    with pytest.raises(ValueError, match="not supported"):
+        recaption_shard(table, cfg, tmp_path / "broken", captioner=RefusesOneImage(None))
+    assert not list((tmp_path / "broken").glob("chunk-*.parquet"))
