@@ -220,6 +220,8 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ema.maybe_update(model, step)
+            if device.type == "cuda":  # the optimizer's and EMA's kernels belong to this step's time, not to none
+                torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started
             # Loss and waiting averaged over the model ranks; in float64 a sum of a few float32 values is exact,
             # so the reduction order cannot change the logged loss.

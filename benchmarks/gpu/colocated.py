@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,11 @@ from tests.trainer.demo_dataset import build_demo_dataset  # noqa: E402
 from trainer.metrics import read_metrics  # noqa: E402
 
 DEMO_CONFIG = REPO / "configs" / "train" / "demo.yaml"
+MIN_CASE_S = 15  # a trainer start-up alone takes seconds: a case with less left is skipped, not started
+
+
+class Skipped(Exception):
+    """A case left out for want of time."""
 
 
 @dataclass
@@ -74,16 +80,20 @@ def cases(args) -> list[Case]:
     return result
 
 
-def run_case(case: Case, data_root: Path, run_dir: Path, compile_model: bool, workers: int) -> dict:
+def run_case(case: Case, data_root: Path, run_dir: Path, compile_model: bool, workers: int, timeout_s: float) -> dict:
     command = [sys.executable, str(REPO / "trainer" / "train.py"), "--config", str(DEMO_CONFIG),
                "topology.colocated=true", "train.precision=auto", f"train.compile={str(compile_model).lower()}",
                f"data.root={data_root}", f"data.resolution={case.resolution}", f"train.batch_size={case.batch}",
                f"train.total_steps={case.steps}", f"checkpoint.dir={run_dir}", f"checkpoint.every={case.steps}",
                "train.warmup_steps=0", "log.progress=false", f"data.num_workers={workers}", *case.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "4"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"not done within {timeout_s:.0f} s (the script's deadline)") from err
     if result.returncode:
-        raise RuntimeError(f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}\n{result.stderr[-3000:]}")
+        print(result.stderr[-1500:], file=sys.stderr, flush=True)
+        raise RuntimeError(f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
     steady = read_metrics(run_dir)[case.warmup:]
     step_s = statistics.median(case.batch / m["images_per_s"] for m in steady)
     return {"steps_s": 1 / step_s, "images_s": case.batch / step_s,
@@ -100,32 +110,36 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=768, help="demo images at the mid-300m resolution")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader decode workers (data.num_workers)")
     parser.add_argument("--compile", action="store_true", help="train.compile=true")
+    parser.add_argument("--deadline-s", type=float, default=600,
+                        help="stop starting cases, and end a running one, this many seconds after the start")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --smoke on a CPU")
 
-    rows = []
+    deadline = time.monotonic() + args.deadline_s
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "CPU"
+    print(f"\n### Colocated training on {device}, torch {torch.__version__}, "
+          f"{'compiled' if args.compile else 'eager'}, bf16 autocast on GPU\n")
+    print("| case | resolution | batch | steps/s | images/s | data wait | steps timed |\n|---|---:|---:|---:|---:|---:|---:|",
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = {}
         for i, case in enumerate(cases(args)):
-            if case.resolution not in data:
-                images = 48 if args.smoke else (256 if case.resolution == 64 else args.images)
-                data[case.resolution] = build_demo_dataset(tmp / f"data{case.resolution}", n=images,
-                                                           resolution=case.resolution)
+            left = deadline - time.monotonic()
             try:
-                r = run_case(case, data[case.resolution], tmp / f"run{i}", args.compile, 1 if args.smoke else args.workers)
-                rows.append(f"| {case.name} | {case.resolution} | {case.batch} | {r['steps_s']:.2f} | "
-                            f"{r['images_s']:.0f} | {100 * r['wait']:.1f}% | {r['timed']} |")
-            except RuntimeError as err:  # one failing case (out of memory, say) must not hide the others
-                print(f"{case.name}: {err}", file=sys.stderr)
-                rows.append(f"| {case.name} | {case.resolution} | {case.batch} | failed: {str(err).splitlines()[0][:100]} | | | |")
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "CPU"
-    print(f"\n### Colocated training on {device}, torch {torch.__version__}, "
-          f"{'compiled' if args.compile else 'eager'}, bf16 autocast on GPU\n")
-    print("| case | resolution | batch | steps/s | images/s | data wait | steps timed |\n|---|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(rows))
+                if left < MIN_CASE_S:
+                    raise Skipped(f"skipped: {max(left, 0):.0f} s left of --deadline-s {args.deadline_s:.0f}")
+                if case.resolution not in data:
+                    images = 48 if args.smoke else (256 if case.resolution == 64 else args.images)
+                    data[case.resolution] = build_demo_dataset(tmp / f"data{case.resolution}", n=images,
+                                                               resolution=case.resolution)
+                r = run_case(case, data[case.resolution], tmp / f"run{i}", args.compile, 1 if args.smoke else args.workers,
+                             deadline - time.monotonic())
+                figures = (f"{r['steps_s']:.2f} | {r['images_s']:.0f} | {100 * r['wait']:.1f}% | {r['timed']}")
+            except Exception as err:  # noqa: BLE001 - one failing case (out of memory, say) must not hide the others
+                figures = f"{'' if isinstance(err, Skipped) else 'failed: '}{str(err).splitlines()[0][:120]} | | | "
+            print(f"| {case.name} | {case.resolution} | {case.batch} | {figures} |", flush=True)
     return 0
 
 

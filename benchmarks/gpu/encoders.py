@@ -87,6 +87,16 @@ def vae_encode_seconds(encoders: Encoders, x: torch.Tensor, layout: torch.memory
     return seconds
 
 
+def row(what: str, measure) -> None:
+    """One table row, printed as soon as it is measured (a run cut short keeps what it had); a failing
+    measurement prints its error in the row and the rest still run."""
+    try:
+        figure = measure()
+    except Exception as err:  # noqa: BLE001 - one failed figure must not lose the others
+        figure = f"failed: {type(err).__name__}: {str(err)[:200]}"
+    print(f"| {what} | {figure} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, one rep")
@@ -99,44 +109,53 @@ def main() -> None:
     dtype = "float32" if device.type == "cpu" else "bfloat16"
     reps = 1 if args.smoke else 5
     tokenizer = build_tokenizer()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\n### Encoders on {name}, torch {torch.__version__}, {dtype}\n")
+    print("| what | figure |\n|---|---|", flush=True)
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.save or tmp)
-        for name, model in real_sized_models(tokenizer, args.smoke).items():
-            model.save_pretrained(folder / name)
-            if name != "vae":
-                tokenizer.save_pretrained(folder / name)
-            rows.append((f"{name} parameters", f"{sum(p.numel() for p in model.parameters()):,}"))
-            del model
+        # Built on the device in the run's dtype: 3.5B parameters made in fp32 on the host take a minute.
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))
+        with device:
+            models = real_sized_models(tokenizer, args.smoke)
+        torch.set_default_dtype(default_dtype)
+        for part, model in models.items():
+            model.save_pretrained(folder / part)
+            if part != "vae":
+                tokenizer.save_pretrained(folder / part)
+            parameters = sum(p.numel() for p in model.parameters())
+            row(f"{part} parameters", lambda: f"{parameters:,}")
+        del models, model  # the benchmark loads them back from the folders, as a real run does
         config = EncodersConfig(preset="tiny" if args.smoke else "reference", vae=str(folder / "vae"),
                                 gemma=str(folder / "gemma"), bert=str(folder / "bert"), clip=str(folder / "clip"))
+        started = time.perf_counter()
         encoders = Encoders(config, device=device, dtype=dtype)
+        row("load the four encoders from their folders", lambda: f"{time.perf_counter() - started:.1f} s")
 
         # Half detailed (cut at 77 tokens), half short, as the sampler mixes them (benchmarks/text_encode.py).
         captions = loader_captions(args.captions)
         for what, encode in (("encode_text (length-grouped chunks)", encoders.encode_text),
                              ("all padded to 77 in one batch (before)", lambda c: padded_to_text_len(encoders, c))):
-            s = seconds_per_call(lambda: encode(captions), device, reps)
-            rows.append((f"{what}, {len(captions)} loader captions", f"{s:.3f} s = {len(captions) / s:.0f} captions/s"))
+            def captions_per_s(encode=encode):
+                s = seconds_per_call(lambda: encode(captions), device, reps)
+                return f"{s:.3f} s = {len(captions) / s:.0f} captions/s"
+            row(f"{what}, {len(captions)} loader captions", captions_per_s)
         for side, batch in ((256, 64), (512, 16)) if not args.smoke else ((64, 2),):
             x = torch.rand(batch, 3, side, side, device=device) * 2 - 1
-            s = seconds_per_call(lambda: encoders.encode_images(x), device, reps)
-            rows.append((f"encode_images {side} px, batch {batch}", f"{batch / s:.0f} images/s"))
-            nchw, nhwc = (vae_encode_seconds(encoders, x, layout, device, reps)
-                          for layout in (torch.contiguous_format, torch.channels_last))
-            rows.append((f"VAE encoder {side} px, batch {batch}: NCHW vs channels_last",
-                         f"{batch / nchw:.0f} vs {batch / nhwc:.0f} images/s ({nchw / nhwc:.2f}x)"))
-        if device.type == "cuda":
-            rows.append(("GPU memory, all loaded", f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB"))
-            encoders.free_text_encoders()
-            rows.append(("GPU memory after free_text_encoders()", f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB"))
+            row(f"encode_images {side} px, batch {batch}",
+                lambda: f"{batch / seconds_per_call(lambda: encoders.encode_images(x), device, reps):.0f} images/s")
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n### Encoders on {name}, torch {torch.__version__}, {dtype}\n")
-    print("| what | figure |\n|---|---|")
-    for what, figure in rows:
-        print(f"| {what} | {figure} |")
+            def layouts():
+                nchw, nhwc = (vae_encode_seconds(encoders, x, layout, device, reps)
+                              for layout in (torch.contiguous_format, torch.channels_last))
+                return f"{batch / nchw:.0f} vs {batch / nhwc:.0f} images/s ({nchw / nhwc:.2f}x)"
+            row(f"VAE encoder {side} px, batch {batch}: NCHW vs channels_last", layouts)
+        if device.type == "cuda":
+            row("GPU memory, all loaded", lambda: f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+            encoders.free_text_encoders()
+            row("GPU memory after free_text_encoders()", lambda: f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ compile error) is reported and the script goes on; it always exits 0. Model FLOP
 (matmuls and attention, the formula is printed); MFU = model FLOPs per second / the GPU's dense bf16
 peak, with recomputation not counted as useful work.
 
-    python benchmarks/gpu/model_step.py                    # H100/H200, the default rows, about 4 minutes
+    python benchmarks/gpu/model_step.py --deadline-s 210   # H100/H200, the default rows that fit in 210 s
     python benchmarks/gpu/model_step.py --runs 512:48:sdpa+compile 512:48:cudnn+compile --profile 512:48:cudnn+compile
     python benchmarks/gpu/model_step.py --smoke            # CPU, tiny preset, 2 steps: checks the script runs
 """
@@ -37,7 +37,12 @@ from trainer.flow import CFGDropout, flow_loss  # noqa: E402
 from trainer.model import MMDiT, MMDiTConfig, flash_attn_func  # noqa: E402
 
 VAE_DOWNSAMPLE = 8
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
+# Dense bf16 spec peaks; the first name contained in the device's name wins.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800": 989.0, "H200": 989.0,
+                    "GH200": 989.0, "A100": 312.0}
+# A row needs about this long at least (compiling its graphs, or the eager steps): one with less time left
+# before --deadline-s is listed as skipped instead of being cut off by the caller's timeout.
+MIN_ROW_S = {"compiled": 40.0, "eager": 10.0}
 
 FLOPS_FORMULA = """forward FLOPs per image, 2 per multiply-add, matmuls and attention (what torch's FlopCounterMode
 counts); N image tokens, T text tokens, d dim, h MLP hidden, m = 3 (SwiGLU) or 2 (GELU) matrices, C channels,
@@ -193,9 +198,11 @@ def run_variant(args, run: Run, device: torch.device, profile_it: bool) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    started = time.perf_counter()
     for _ in range(args.warmup):
         step()
     sync(device)
+    warmup_s = time.perf_counter() - started  # compilation included: what sizes the next run's time budget
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -205,7 +212,7 @@ def run_variant(args, run: Run, device: torch.device, profile_it: bool) -> dict:
     seconds = (time.perf_counter() - start) / args.steps
     tokens = (cfg.text_len + (latent // cfg.patch_size) ** 2) * run.batch
     flops = 3 * forward_flops(cfg, run.resolution, run.resolution) * run.batch
-    return {"step_s": seconds, "images_s": run.batch / seconds, "tokens_s": tokens / seconds,
+    return {"warmup_s": warmup_s, "step_s": seconds, "images_s": run.batch / seconds, "tokens_s": tokens / seconds,
             "tflops": flops / seconds / 1e12,
             "memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
             "profile": kernel_breakdown(step, device) if profile_it else None}
@@ -241,7 +248,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak if the GPU is not known")
+    parser.add_argument("--deadline-s", type=float, default=3600,
+                        help="list the rows that cannot finish this many seconds after the start as skipped")
     args = parser.parse_args(argv)
+    deadline = time.monotonic() + args.deadline_s
     if args.smoke:
         args.preset, args.steps, args.warmup = "tiny", 2, 1
         args.runs = args.runs or [Run.parse("64:2:sdpa"), Run.parse("64:2:sdpa+ckpt")]
@@ -264,21 +274,28 @@ def main(argv=None) -> int:
             print(f"flash-attn vs SDPA, same weights and inputs, relative max difference: {flash_vs_sdpa_difference(args, device)}")
         except Exception as err:  # report and go on: the table is the point
             print(f"flash-attn vs SDPA comparison failed: {type(err).__name__}: {err}")
-    header = ("\n| resolution | batch | variant | step s | images/s | tokens/s | TFLOP/s | MFU | peak memory GiB |\n"
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    print(header)
+    header = ("\n| resolution | batch | variant | step s | images/s | tokens/s | TFLOP/s | MFU | peak memory GiB "
+              "| warm-up s |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(header, flush=True)
     for run in runs:
+        left = deadline - time.monotonic()
+        if left < MIN_ROW_S["compiled" if run.compiled else "eager"]:
+            print(f"| {run.resolution} | {run.batch} | {run.name} | skipped: {max(left, 0):.0f} s left of --deadline-s "
+                  f"{args.deadline_s:g} | | | | | | |", flush=True)
+            continue
         try:
             r = run_variant(args, run, device, profile_it=run == args.profile)
             mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
             print(f"| {run.resolution} | {run.batch} | {run.name} | {r['step_s']:.3f} | {r['images_s']:.1f} | "
-                  f"{r['tokens_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {r['memory_gib']:.1f} |", flush=True)
+                  f"{r['tokens_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {r['memory_gib']:.1f} | {r['warmup_s']:.0f} |",
+                  flush=True)
             if r["profile"]:  # printed at once: a run cut short by its time limit keeps it
                 print(f"\n{run.spec}: {r['profile']}\n{header}", flush=True)
         except Exception as err:  # an optional variant failing must not hide the others
             reason = "out of memory" if isinstance(err, torch.OutOfMemoryError) else f"{type(err).__name__}: {err}"
-            print(f"| {run.resolution} | {run.batch} | {run.name} | failed: {reason.splitlines()[0][:120]} | | | | | |", flush=True)
-            traceback.print_exc(file=sys.stderr)
+            print(f"| {run.resolution} | {run.batch} | {run.name} | failed: {reason.splitlines()[0][:120]} | | | | | | |",
+                  flush=True)
+            traceback.print_exc(limit=-3, file=sys.stderr)  # where it failed; a full compile traceback runs to pages
         finally:
             gc.collect()
             if device.type == "cuda":

@@ -14,6 +14,7 @@ Failures of a stage (out of memory, vLLM missing) are printed and the script sti
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tempfile
 import time
@@ -102,7 +103,7 @@ def measure(name: str, captioner, pics, alts, batch: int, sync) -> None:
 
     detailed, vlm_rate = stage(captioner.detailed, (pics, alts))
     _, llm_rate = stage(captioner.shorten, ([d or "empty" for d in detailed],))
-    print(f"{name:<14}{vlm_rate:>14.2f}{llm_rate:>14.2f}{1 / (1 / vlm_rate + 1 / llm_rate):>14.2f}")
+    print(f"{name:<14}{vlm_rate:>14.2f}{llm_rate:>14.2f}{1 / (1 / vlm_rate + 1 / llm_rate):>14.2f}", flush=True)
 
 
 def main() -> int:
@@ -132,16 +133,16 @@ def main() -> int:
     try:
         started = time.perf_counter()
         vlm, processor, llm, tokenizer = build(shapes, device, dtype)
-        print(f"(random models built in {time.perf_counter() - started:.1f} s)")
+        print(f"(random models built in {time.perf_counter() - started:.1f} s)", flush=True)
         measure("transformers", TransformersCaptioner(vlm, processor, llm, tokenizer, cfg), pics, alts,
                 args.batch_size, sync)
     except Exception:  # noqa: BLE001 -- report and go on to the next backend
         failures.append(("transformers", traceback.format_exc()))
 
     try:
-        import vllm  # noqa: F401
-    except ImportError:
-        print("vllm          not installed (the optional `gpu` extra); skipped")
+        importlib.import_module("vllm")
+    except Exception as err:  # noqa: BLE001 -- not installed, or an install that fails on import: skip it
+        print(f"vllm          not importable ({type(err).__name__}: {str(err)[:80]}); skipped", flush=True)
     else:
         try:
             with tempfile.TemporaryDirectory() as tmp:

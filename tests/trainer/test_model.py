@@ -304,6 +304,12 @@ def test_gpu_benchmark_smoke_run_prints_a_table_and_exits_zero(capsys):
     assert 10 < float(shares["matmul"]) < 90
 
 
+def test_gpu_benchmark_lists_the_rows_past_its_deadline_as_skipped(capsys):
+    assert _gpu_benchmark().main(["--smoke", "--deadline-s", "0"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == 2 and all("| skipped: 0 s left of --deadline-s 0 |" in row for row in rows)
+
+
 def test_gpu_benchmark_rows_parse_from_their_spec():
     run_cls = _gpu_benchmark().Run
     run = run_cls.parse("512:32:cudnn+ckpt+compile")
