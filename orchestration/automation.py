@@ -41,6 +41,18 @@ def shards_to_recaption(instance: dg.DagsterInstance, config: PipelineConfig) ->
                        [shard for shard in layout.shards() if layout.filtered(shard).exists()], "filtered")
 
 
+# A run in one of these may still write its partition: requesting the partition again would start a
+# second run over the same shard (a schedule's run keys only dedupe within one tick).
+UNFINISHED = (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
+
+
+def partitions_in_flight(instance: dg.DagsterInstance, job_name: str) -> set[str]:
+    """The partitions of ``job_name`` that an unfinished run is working on."""
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=list(UNFINISHED)))
+    return {run.tags["dagster/partition"] for run in runs if "dagster/partition" in run.tags}
+
+
 def _stale_with(instance, config, asset: str, keys: list[str], name: str) -> list[tuple[str, str]]:
     """(key, the version of input ``name`` it would read now) of the keys of ``asset`` to run: the version
     makes each run key, so a run is requested again only once its input changed."""
@@ -72,8 +84,12 @@ def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJ
                  description="Recaptions filtered shards whose captions are not up to date.")
     def recaption_backfill(context: dg.ScheduleEvaluationContext, pipeline: PipelineResource):
         stale = shards_to_recaption(context.instance, pipeline.config)
-        if not stale:
-            return dg.SkipReason("every filtered shard is recaptioned")
-        return [dg.RunRequest(partition_key=shard, run_key=f"recaption-{shard}-{version}") for shard, version in stale]
+        running = partitions_in_flight(context.instance, "recaption_job")  # an hour may not caption a shard
+        requests = [dg.RunRequest(partition_key=shard, run_key=f"recaption-{shard}-{version}")
+                    for shard, version in stale if shard not in running]
+        if not requests:
+            return dg.SkipReason("every filtered shard is recaptioned" if not stale else
+                                 f"the {len(stale)} shards to recaption are being recaptioned")
+        return requests
 
     return [url_lists_sensor], [recaption_backfill]

@@ -9,11 +9,14 @@ match the shard: keys are row positions in a source, so a rebuilt shard may give
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,6 +50,24 @@ def input_fingerprints(table: pa.Table) -> list[str]:
             digest.update(b"\0" + (caption or "").encode())
             fingerprints.append(digest.hexdigest())
     return fingerprints
+
+
+class WorkDirBusy(RuntimeError):
+    """Another process is recaptioning the same shard."""
+
+
+@contextlib.contextmanager
+def claimed(work_dir: Path) -> Iterator[None]:
+    """Hold ``work_dir`` for this process: two runs of one shard (a scheduled run and `sd3 data run`, say)
+    would number their chunks alike and delete each other's files. The lock dies with the process."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise WorkDirBusy(f"recaption: {work_dir} is in use by another run of this shard; "
+                              "let it finish (its captions are kept) and run again") from err
+        yield
 
 
 class ResumeChunks:

@@ -16,7 +16,7 @@ from etl.config import RecaptionConfig, to_mapping
 from etl.recaption.backends import AltTextCaptioner, Captioner, get_captioner
 from etl.recaption.postprocess import Verdict, clean_alt_text, judge_detailed, judge_short, word_count
 from etl.images import decode, open_image, to_rgb
-from etl.recaption.resume import OUTCOMES, ResumeChunks, input_fingerprints
+from etl.recaption.resume import OUTCOMES, ResumeChunks, claimed, input_fingerprints
 from etl.schema import StepResult, make_rejects
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,12 @@ def recaption_shard(
         duplicated = next(k for k, n in Counter(keys).items() if n > 1)
         raise ValueError(f"recaption: duplicate key {duplicated!r} in the input shard")
 
+    with claimed(Path(work_dir)):
+        return _recaption_claimed(table, keys, cfg, Path(work_dir), captioner, progress)
+
+
+def _recaption_claimed(table: pa.Table, keys: list[str], cfg: RecaptionConfig, work_dir: Path,
+                       captioner: Captioner | None, progress: Callable[[int, int], None] | None) -> RecaptionResult:
     chunks = ResumeChunks(work_dir, _setup(cfg))
     fingerprints = dict(zip(keys, input_fingerprints(table), strict=True))
     earlier = chunks.finished()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from etl.config import RecaptionConfig, to_mapping
 from etl.recaption import recaption_shard
-from etl.recaption.resume import OUTCOMES, ResumeChunks
+from etl.recaption.resume import OUTCOMES, ResumeChunks, WorkDirBusy, claimed
 from etl.schema import CANONICAL, conform
 from etl.storage import read_parquet, write_parquet_atomic
 from tests.etl.tiny_captioners import save_tiny_captioners
@@ -201,3 +201,13 @@ def test_a_row_the_backend_rejects_fails_alone_and_a_broken_backend_fails_the_sh
     with pytest.raises(ValueError, match="not supported"):
         recaption_shard(table, cfg, tmp_path / "broken", captioner=RefusesOneImage(None))
     assert not list((tmp_path / "broken").glob("chunk-*.parquet"))
+
+
+def test_a_shard_being_recaptioned_elsewhere_is_refused_and_its_chunks_kept(tmp_path):
+    table = _shard(4)
+    recaption_shard(table.slice(0, 2), RecaptionConfig(chunk_rows=2), tmp_path / "work")
+    with claimed(tmp_path / "work"):  # what a second process running the same shard holds
+        with pytest.raises(WorkDirBusy, match="in use by another run of this shard"):
+            recaption_shard(table, RecaptionConfig(chunk_rows=2), tmp_path / "work")
+    assert len(list((tmp_path / "work").glob("chunk-*.parquet"))) == 1
+    assert recaption_shard(table, RecaptionConfig(chunk_rows=2), tmp_path / "work").stats.resumed == 2

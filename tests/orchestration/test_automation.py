@@ -116,3 +116,9 @@ def test_schedule_backfills_the_captions_that_are_not_up_to_date(setup):
         requests = schedule(context)
     assert sorted(r.partition_key for r in requests) == sorted(shards[1:])
     assert schedule.cron_schedule == "*/15 * * * *"
+
+    # A shard whose run is still going is not requested a second time at the next tick.
+    instance.add_run(dg.DagsterRun(job_name="recaption_job", run_id="still-captioning",
+                                   status=dg.DagsterRunStatus.STARTED, tags={"dagster/partition": shards[2]}))
+    with dg.build_schedule_context(instance=instance, resources=resources(defs)) as context:
+        assert [r.partition_key for r in schedule(context)] == [shards[1]]
