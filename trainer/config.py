@@ -195,6 +195,7 @@ class LogSection:
     eval_steps: int = 20
     eval_cfg: float = 5.0
     eval_images_per_prompt: int = 1
+    eval_reference_images: int = 10_000  # at most, spread over eval_reference; read once, at the first evaluation
     # Validation loss of the training and the EMA weights on held-out images (data.holdout_fraction) at
     # val_timesteps fixed t, into metrics.jsonl as val_loss, val_loss_ema and val_loss/t<t>.
     val_every: int = 0  # 0 = never
@@ -203,6 +204,7 @@ class LogSection:
 
     def __post_init__(self):
         _at_least(self, 1, "every", "sample_steps", "eval_steps", "eval_images_per_prompt", "val_images", "val_timesteps")
+        _at_least(self, 2, "eval_reference_images")
         _at_least(self, 0, "sample_every", "eval_every", "val_every")
         if self.sample_every and not self.sample_prompts:
             raise ConfigError("sample_prompts: give at least one prompt when sample_every > 0")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from trainer.sample_cli import DTYPES, add_generation_arguments, pick_device
 
+DEFAULT_REFERENCE_IMAGES = 10_000  # trainer.evaluation's, restated: importing it would load torch for `sd3 --help`
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -31,6 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="report JSON")
     parser.add_argument("--inception", type=Path, help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
     parser.add_argument("--clip", type=Path, help="local CLIP folder for the CLIP score (skipped when absent)")
+    parser.add_argument("--reference-images", type=int, default=DEFAULT_REFERENCE_IMAGES,
+                        help="read at most this many reference images, spread over the set")
     add_generation_arguments(parser, seed=0, seed_help="fixed by default so reports compare; -1 draws one")
     parser.add_argument("--batch-size", type=int, default=1, help="images per prompt")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -58,7 +62,7 @@ def run(args) -> int:
             raise ValueError("--steps and --batch-size must be positive")
         step_dir = resolve_checkpoint(args.checkpoint)
         evaluator = Evaluator(read_prompts(args.prompts, "--prompts"), args.reference, inception=args.inception,
-                              clip=args.clip, settings=settings, device=device)
+                              clip=args.clip, settings=settings, device=device, reference_images=args.reference_images)
         pipeline = Pipeline.from_checkpoint(step_dir, device=device, dtype=dtype, prefer_ema=not args.no_ema)
         report = {"checkpoint": str(step_dir), **evaluator.evaluate(pipeline)}
     except (CheckpointNotFoundError, ConfigError, CorruptShardError, ValueError, OSError) as err:

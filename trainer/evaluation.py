@@ -5,11 +5,12 @@
 
 FID is torchmetrics' ``FrechetInceptionDistance``: the FID Inception-v3 of torch-fidelity with weights
 read from a local file (``pt_inception-2015-12-05-6726825d.pth``, the file torch-fidelity and pytorch-fid
-download; nothing is downloaded here), or any feature module given in code. The reference features are
-computed once per ``Evaluator`` and kept, so evaluating every N training steps only pays for the
-generated images. The CLIP score (100 x the cosine of image and prompt embeddings, each pair floored at
-0 as the CLIPScore paper defines it; torchmetrics floors the mean) needs a local transformers CLIP
-folder (model + processor).
+download; nothing is downloaded here), or any feature module given in code. The reference features come
+from at most ``reference_images`` images (10,000 by default) spread over the set, computed once per
+``Evaluator`` and kept, so evaluating every N training steps only pays for the generated images. The
+CLIP score (100 x the cosine of image and prompt embeddings, each pair floored at 0 as the CLIPScore
+paper defines it; torchmetrics floors the mean) needs a local transformers CLIP folder (model +
+processor).
 
 Reference sets: a folder of image files, or bucketed parquet (a shard, or a folder of shards) with an
 ``image`` column of encoded bytes. An image that cannot be decoded is counted with its reason, never
@@ -37,6 +38,9 @@ INCEPTION_SIZE = 299  # the FID Inception's input side
 INCEPTION_FEATURES = 2048  # its pool3 features, the standard FID layer
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_BATCH = 32
+# Reference images an evaluation reads at most, spread over the set: FID-10k's size. A whole bucketed
+# dataset would take hours to decode, and in training the other ranks wait (topology.timeout_s).
+DEFAULT_REFERENCE_IMAGES = 10_000
 
 
 class EvalSetupError(ValueError):
@@ -77,37 +81,65 @@ def _decoded(data: bytes | None) -> Image.Image | ImageRejected:
         return rejected
 
 
-def _parquet_images(path: Path) -> Iterator[Image.Image | ImageRejected]:
+def _open_shard(path: Path) -> pq.ParquetFile:
     try:
         shard = pq.ParquetFile(path)
-        if "image" not in shard.schema_arrow.names:
-            raise EvalSetupError(f"{path}: no 'image' column (columns: {', '.join(shard.schema_arrow.names)})")
-        for batch in shard.iter_batches(columns=["image"], batch_size=FEATURE_BATCH):
+    except (pa.ArrowInvalid, OSError) as err:
+        raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err
+    if "image" not in shard.schema_arrow.names:
+        raise EvalSetupError(f"{path}: no 'image' column (columns: {', '.join(shard.schema_arrow.names)})")
+    return shard
+
+
+def _row_group_images(path: Path, shard: pq.ParquetFile, group: int) -> Iterator[Image.Image | ImageRejected]:
+    try:
+        for batch in shard.iter_batches(columns=["image"], batch_size=FEATURE_BATCH, row_groups=[group]):
             for data in batch.column("image").to_pylist():
                 yield _decoded(data)
     except (pa.ArrowInvalid, OSError) as err:
         raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err
 
 
-def iter_reference(source: str | os.PathLike, setting: str = "--reference") -> Iterator[Image.Image | ImageRejected]:
-    """Every reference image as RGB, or the rejection of one that cannot be used, in a stable order."""
+def spread(count: int, wanted: int) -> list[int]:
+    """``wanted`` indices of range(count) evenly apart (all of them when there are no more)."""
+    if count <= wanted:
+        return list(range(count))
+    return [i * count // wanted for i in range(wanted)]
+
+
+def _parquet_images(shards: list[Path], limit: int | None) -> Iterator[Image.Image | ImageRejected]:
+    # Whole row groups, spread over every shard: bucketed shards are sorted by bucket, so the first groups
+    # would all be one aspect ratio, and a row here and there would read a whole group (~8 MiB) per image.
+    groups = [(path, shard, group, shard.metadata.row_group(group).num_rows)
+              for path in shards for shard in [_open_shard(path)] for group in range(shard.num_row_groups)]
+    rows = sum(n for *_, n in groups)
+    if limit is not None and rows > limit:
+        groups = [groups[i] for i in spread(len(groups), -(-limit * len(groups) // rows))]
+    for path, shard, group, _ in groups:
+        yield from _row_group_images(path, shard, group)
+
+
+def iter_reference(source: str | os.PathLike, setting: str = "--reference",
+                   limit: int | None = None) -> Iterator[Image.Image | ImageRejected]:
+    """The reference images as RGB, or the rejection of one that cannot be used, in a stable order. With
+    ``limit``, about that many spread evenly over the set (whole row groups of parquet shards); the
+    caller stops at ``limit`` usable ones."""
     source = Path(source)
     if source.is_file() and source.suffix == ".parquet":
-        yield from _parquet_images(source)
+        yield from _parquet_images([source], limit)
         return
     if not source.is_dir():
         raise EvalSetupError(f"{setting}: {source} is neither a folder nor a .parquet file")
     shards = sorted(source.rglob("*.parquet"))
     if shards:
-        for shard in shards:
-            yield from _parquet_images(shard)
+        yield from _parquet_images(shards, limit)
         return
     image_suffixes = set(Image.registered_extensions())
     files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in image_suffixes)
     if not files:
         raise EvalSetupError(f"{setting}: {source} holds no parquet shard and no image file")
-    for file in files:
-        yield _decoded(file.read_bytes())
+    for i in spread(len(files), limit if limit is not None else len(files)):
+        yield _decoded(files[i].read_bytes())
 
 
 def to_batch(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -201,6 +233,7 @@ class Evaluator:
         feature_extractor: torch.nn.Module | None = None,
         feature_size: int = INCEPTION_SIZE,
         setting_prefix: str = "--",
+        reference_images: int | None = DEFAULT_REFERENCE_IMAGES,
     ):
         if not prompts:
             raise EvalSetupError("give at least one prompt")
@@ -211,7 +244,9 @@ class Evaluator:
         self.reference, self.setting_prefix = Path(reference), setting_prefix
         if not self.reference.exists():
             raise EvalSetupError(f"{setting_prefix}reference: {self.reference} does not exist")
-        self.feature_size = feature_size
+        if reference_images is not None and reference_images < 2:
+            raise EvalSetupError(f"{setting_prefix}reference_images: FID needs at least 2, got {reference_images}")
+        self.feature_size, self.reference_images = feature_size, reference_images
         self.fid = build_fid(inception, f"{setting_prefix}inception", feature_extractor).to(self.device)
         self.feature_name = "custom" if feature_extractor is not None else f"inception-v3 ({Path(inception).name})"
         self.clip = ClipScorer(clip, f"{setting_prefix}clip", self.device) if clip is not None else None
@@ -221,7 +256,8 @@ class Evaluator:
     def _add_reference(self) -> None:
         self._drop_reference()  # what an earlier, failed pass added
         rejected, used, batch = Counter(), 0, []
-        for item in iter_reference(self.reference, f"{self.setting_prefix}reference"):
+        limit = self.reference_images
+        for item in iter_reference(self.reference, f"{self.setting_prefix}reference", limit):
             if isinstance(item, ImageRejected):
                 rejected[item.reason] += 1
                 continue
@@ -229,12 +265,14 @@ class Evaluator:
             if len(batch) == FEATURE_BATCH:
                 used += self._update(batch, real=True)
                 batch = []
+            if limit is not None and used + len(batch) == limit:
+                break
         if batch:
             used += self._update(batch, real=True)
         if used < 2:
             raise EvalSetupError(f"{self.setting_prefix}reference: FID needs at least 2 usable reference images, "
                                  f"{self.reference} gave {used} (rejected: {dict(rejected) or 'none'})")
-        self.reference_counts = {"used": used, "rejected": dict(rejected)}
+        self.reference_counts = {"used": used, "rejected": dict(rejected), "limit": limit}
 
     def _drop_reference(self) -> None:
         self.fid.reset_real_features = True

@@ -340,6 +340,7 @@ class TrainingEvaluation:
             read_prompts(log_cfg.eval_prompts_file, "log.eval_prompts_file"), log_cfg.eval_reference,
             inception=log_cfg.eval_inception, clip=log_cfg.eval_clip, settings=settings, device=pipelines.device,
             feature_extractor=feature_extractor, feature_size=feature_size or INCEPTION_SIZE, setting_prefix="log.eval_",
+            reference_images=log_cfg.eval_reference_images,
         )
         self.pipelines, self.out = pipelines, cfg.checkpoint.dir / "eval"
 

@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -20,7 +21,10 @@ from orchestration.cli import main as sd3
 from trainer.checkpoint import save_weights, step_folder
 from trainer.config import load_train_config
 from trainer.encoders import EncodersConfig
+from trainer import eval_cli
 from trainer.evaluation import (
+    DEFAULT_REFERENCE_IMAGES,
+    FEATURE_BATCH,
     ClipScorer,
     EvalSetupError,
     Evaluator,
@@ -28,6 +32,7 @@ from trainer.evaluation import (
     build_fid,
     iter_reference,
     read_prompts,
+    spread,
     to_batch,
 )
 from trainer.loop import TrainingEvaluation, TrainingPipelines
@@ -221,7 +226,8 @@ def test_evaluator_scores_generated_images_and_reuses_the_reference_features(che
     pipeline = Pipeline.from_checkpoint(checkpoint)
     report = evaluator.evaluate(pipeline)
     assert report["generated"] == 4 and report["prompts"] == 2
-    assert report["reference"] == {"source": str(reference_folder), "used": 6, "rejected": {"undecodable": 1}}
+    assert report["reference"] == {"source": str(reference_folder), "used": 6, "rejected": {"undecodable": 1},
+                                   "limit": DEFAULT_REFERENCE_IMAGES}
     assert report["settings"]["steps"] == 2 and report["clip_model"] == str(clip_folder)
     assert np.isfinite(report["fid"]) and report["fid"] > 0
     assert 0 <= report["clip_score"] <= 100
@@ -319,18 +325,56 @@ def test_training_evaluation_logs_scores_and_writes_the_report(tmp_path, referen
     assert report["reference"]["used"] == 6
 
 
+def _corrupt_row_group(path: Path, group: int) -> None:
+    """Zero the middle of one row group's image column: the footer still reads, that group does not."""
+    column = pq.ParquetFile(path).metadata.row_group(group).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + 24 : start + column.total_compressed_size - 8] = bytes(column.total_compressed_size - 32)
+    path.write_bytes(bytes(data))
+
+
 def test_a_retry_after_a_failed_reference_pass_counts_each_reference_image_once(checkpoint, tmp_path):
-    shards = tmp_path / "buckets" / "32"
-    images = [png_bytes(shape_image(["red", "blue", "grey"][i % 3], (32, 32), i)) for i in range(35)]
-    write_parquet_atomic(pa.table({"image": images[:33]}), shards / "shard-0.parquet")  # past one feature batch
-    (shards / "shard-1.parquet").write_bytes(b"a shard cut off mid-copy")
-    evaluator = Evaluator(PROMPTS, shards, feature_extractor=TinyFeatures(), feature_size=FEATURE_SIZE, settings=SETTINGS)
-    with pytest.raises(CorruptShardError, match="shard-1.parquet"):
+    shard = tmp_path / "buckets" / "32" / "shard-0.parquet"
+    shard.parent.mkdir(parents=True)
+    images = pa.table({"image": [png_bytes(shape_image(["red", "blue", "grey"][i % 3], (32, 32), i)) for i in range(35)]})
+    pq.write_table(images, shard, row_group_size=FEATURE_BATCH)  # a feature batch is in before the bad group
+    _corrupt_row_group(shard, 1)
+    evaluator = Evaluator(PROMPTS, shard.parent, feature_extractor=TinyFeatures(), feature_size=FEATURE_SIZE,
+                          settings=SETTINGS)
+    with pytest.raises(CorruptShardError, match="shard-0.parquet"):
         evaluator.evaluate(pipeline=None)
 
-    write_parquet_atomic(pa.table({"image": images[33:]}), shards / "shard-1.parquet")
+    pq.write_table(images, shard, row_group_size=FEATURE_BATCH)  # the shard copied again, whole
     report = evaluator.evaluate(Pipeline.from_checkpoint(checkpoint))
     assert report["reference"]["used"] == 35 and int(evaluator.fid.real_features_num_samples) == 35
+
+
+def _colours(images) -> list[str]:
+    # The background's colour: the corner pixel (the white square starts inside).
+    return ["red" if np.asarray(im)[-1, -1, 0] > 128 else "blue" for im in images if isinstance(im, Image.Image)]
+
+
+def test_a_reference_limit_reads_whole_row_groups_spread_over_every_shard(tmp_path):
+    folder = tmp_path / "buckets"
+    folder.mkdir()
+    for name, colour in (("shard-0", "red"), ("shard-1", "blue")):  # bucketed shards: one kind of image each
+        table = pa.table({"image": [png_bytes(shape_image(colour, (32, 32), i)) for i in range(12)]})
+        pq.write_table(table, folder / f"{name}.parquet", row_group_size=4)
+    assert _colours(iter_reference(folder, limit=8)) == ["red"] * 4 + ["blue"] * 4
+    assert len(_colours(iter_reference(folder, limit=100))) == 24
+    assert spread(10, 4) == [0, 2, 5, 7] and spread(3, 5) == [0, 1, 2]
+
+
+def test_an_evaluation_reads_at_most_its_reference_images(checkpoint, reference_folder):
+    evaluator = Evaluator(PROMPTS, reference_folder, feature_extractor=TinyFeatures(), feature_size=FEATURE_SIZE,
+                          settings=SETTINGS, reference_images=3)
+    report = evaluator.evaluate(Pipeline.from_checkpoint(checkpoint))
+    assert report["reference"]["used"] == 3 and report["reference"]["limit"] == 3
+    assert int(evaluator.fid.real_features_num_samples) == 3
+    assert eval_cli.DEFAULT_REFERENCE_IMAGES == DEFAULT_REFERENCE_IMAGES
+    with pytest.raises(EvalSetupError, match="reference_images: FID needs at least 2, got 1"):
+        Evaluator(PROMPTS, reference_folder, feature_extractor=TinyFeatures(), reference_images=1)
 
 
 # Model rank 0 evaluates while the loader ranks feed batches and the other model ranks wait in the next
