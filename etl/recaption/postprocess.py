@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import html
+import itertools
 import re
 from typing import NamedTuple
 
@@ -53,6 +54,8 @@ _REFUSAL = re.compile(
 _CHATTER_TAIL = re.compile(r"\n\s*(?:(?:let me know|i hope|this caption)\b|note:).*\Z", re.IGNORECASE | re.DOTALL)
 _TAG = re.compile(r"<[^>]*>")
 _WHITESPACE = re.compile(r"\s+")
+# A short quotation, as a caption transcribes a sign: "..." or “...”, at most 80 characters.
+_QUOTED_TEXT = re.compile(r'"[^"\n]{1,80}"|“[^”\n]{1,80}”')
 # Opening quote -> its closing quote.
 _QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "“": "”", "‘": "’"}
 # The SPEC's short caption is one sentence of at most ~40 words; well past that, the LLM ignored the prompt.
@@ -115,11 +118,13 @@ def _words(caption: str) -> list[str]:
 
 
 def find_loop(caption: str) -> str | None:
-    """Describe the repetition loop in ``caption``, or None."""
-    phrase_count = sum(caption.count(phrase) for phrase in LOOP_PHRASES)
+    """Describe the repetition loop in ``caption``, or None. Text quoted from the image ("SALE SALE SALE
+    SALE" on a poster, as the VLM prompt asks it to transcribe) is not searched for repeated words."""
+    phrase_count = sum(caption.lower().count(phrase) for phrase in LOOP_PHRASES)
     if phrase_count > MAX_LOOP_PHRASES:
         return f"{phrase_count} stock phrases ('no text', 'other objects', ...)"
-    words = _words(caption)
+    quotes = itertools.count()  # each quotation becomes one word of its own: never part of a repeat
+    words = _words(_QUOTED_TEXT.sub(lambda _: f" quoted{next(quotes)} ", caption))
     for n in range(1, MAX_LOOP_NGRAM + 1):
         for start in range(len(words) - n * MIN_LOOP_REPEATS + 1):
             span = words[start : start + n]

@@ -40,6 +40,10 @@ DETAILED = [
     ("The image shows a tree tree tree tree tree tree tree tree tree.", None, "loop"),
     ("A street with cars and people walking, walking on the street, walking on the street, walking on the "
      "street, walking on the street, walking on the street.", None, "loop"),
+    ("A shop window with a red poster reading \"SALE SALE SALE SALE\" in white capitals.",
+     "A shop window with a red poster reading \"SALE SALE SALE SALE\" in white capitals.", None),
+    ("A cat on a sofa. No text, no other objects, No text, no other objects, No text, no other objects.",
+     None, "loop"),
     ("Dog.", None, "too_few_words"),
     ("The image shows a a", None, "too_few_words"),
     ("   ", None, "empty"),
