@@ -116,10 +116,8 @@ class TransformersCaptioner:
     def shorten(self, captions: list[str]) -> list[str]:
         if not captions:
             return []
-        # The chat template already holds the bos token; adding special tokens again would double it.
-        inputs = self.tokenizer(
-            self.llm_prompts(captions), padding=True, return_tensors="pt", add_special_tokens=False
-        ).to(self.llm.device)
+        # One bos token: the prompts come without the template's (see without_template_bos).
+        inputs = self.tokenizer(self.llm_prompts(captions), padding=True, return_tensors="pt").to(self.llm.device)
         return self._generate(self.llm, self.tokenizer, inputs, self.cfg.short_max_new_tokens)
 
     @staticmethod
@@ -176,9 +174,9 @@ class VllmCaptioner:
         return [out.outputs[0].text for out in outputs]
 
     def shorten(self, captions: list[str]) -> list[str]:
-        # Token ids, not text: vLLM would add a second bos token to a rendered chat template.
+        # Tokenized here as the transformers backend does, so both send the model the same token ids.
         requests = [
-            {"prompt_token_ids": self.tokenizer(prompt, add_special_tokens=False)["input_ids"]}
+            {"prompt_token_ids": self.tokenizer(prompt)["input_ids"]}
             for prompt in render_llm_prompts(self.tokenizer, captions, self.cfg)
         ]
         outputs = self.llm.generate(requests, self.llm_params, use_tqdm=False)

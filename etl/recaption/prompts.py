@@ -38,13 +38,25 @@ def llm_messages(caption: str, cfg: RecaptionConfig) -> list[dict]:
     return messages + [{"role": "user", "content": text}]
 
 
+def without_template_bos(tokenizer, prompts: list[str]) -> list[str]:
+    """Rendered prompts less the bos token their chat template wrote, when the tokenizer adds one anyway:
+    Llama-3's template writes <|begin_of_text|> and its tokenizer adds it again, and a model given two
+    sees a sequence unlike any it was trained on. Tokenize the result with special tokens added."""
+    bos = tokenizer.bos_token
+    if not bos or tokenizer("a").input_ids[:1] != [tokenizer.bos_token_id]:
+        return prompts
+    return [prompt[len(bos):] if prompt.startswith(bos) else prompt for prompt in prompts]
+
+
 def render_vlm_prompts(processor, alt_texts: list[str], cfg: RecaptionConfig) -> list[str]:
     """The VLM's prompts through its processor's chat template, ready for generation."""
-    return [processor.apply_chat_template(vlm_messages(alt, cfg), add_generation_prompt=True) for alt in alt_texts]
+    prompts = [processor.apply_chat_template(vlm_messages(alt, cfg), add_generation_prompt=True) for alt in alt_texts]
+    return without_template_bos(processor.tokenizer, prompts)
 
 
 def render_llm_prompts(tokenizer, captions: list[str], cfg: RecaptionConfig) -> list[str]:
-    return [
+    prompts = [
         tokenizer.apply_chat_template(llm_messages(caption, cfg), add_generation_prompt=True, tokenize=False)
         for caption in captions
     ]
+    return without_template_bos(tokenizer, prompts)

@@ -198,3 +198,22 @@ def test_alt_text_backend_accounts_for_every_row(tmp_path):
     assert result.counts == {"kept": 2, "empty_caption": 3}
     assert result.stats.failures == {"empty_caption": 3}
     assert result.stats.mean_words_detailed == pytest.approx((5 + 2) / 2)  # "&" is no word
+
+
+def test_a_prompt_reaches_the_model_with_one_bos_token():
+    from tokenizers import processors
+
+    from etl.recaption.prompts import render_llm_prompts, without_template_bos
+    from tests.etl.tiny_captioners import build_tokenizer
+
+    plain = build_tokenizer()  # adds no bos of its own: a template's bos stays
+    assert without_template_bos(plain, ["<s> hi"]) == ["<s> hi"]
+
+    # Llama-3's case: the template writes the bos token and the tokenizer adds one too.
+    llama = build_tokenizer()
+    llama.chat_template = "<s>" + llama.chat_template
+    bos = llama.bos_token_id
+    llama.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    (prompt,) = render_llm_prompts(llama, ["A red dog on a beach."], RecaptionConfig())
+    ids = llama(prompt).input_ids
+    assert ids[0] == bos and ids.count(bos) == 1
