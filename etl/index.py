@@ -131,12 +131,25 @@ def bucket_order_version(index: pa.Table) -> str:
     """16 hex digits from the keys and buckets in index order: what fixes the sampler's order of batches
     (same rows in the same buckets, same id, on any machine)."""
     digest = hashlib.sha256()
-    keys = index["key"].combine_chunks().cast(pa.large_string())
-    # Hash key lengths and key bytes (not Arrow's offsets, which depend on how the table was sliced).
-    digest.update(pc.binary_length(keys).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
-    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64)[keys.offset : keys.offset + len(keys) + 1]
-    if len(keys):
-        digest.update(memoryview(keys.buffers()[2])[offsets[0] : offsets[-1]])
+    _hash_strings(digest, index["key"])
     for name in ("height", "width"):
         digest.update(index[name].to_numpy().astype("<i4").tobytes())
     return digest.hexdigest()[:16]
+
+
+def row_group_version(index: pa.Table) -> str:
+    """16 hex digits from each row's shard and row group: with ``data.shuffle: row_groups`` these fix the
+    order of batches too, and shards rewritten with other row groups keep every key in its bucket."""
+    digest = hashlib.sha256()
+    _hash_strings(digest, index["shard"])
+    digest.update(index["row_group"].to_numpy().astype("<i8").tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _hash_strings(digest, column: pa.ChunkedArray) -> None:
+    # Lengths and bytes, not Arrow's offsets, which depend on how the table was sliced.
+    values = column.combine_chunks().cast(pa.large_string())
+    digest.update(pc.binary_length(values).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset : values.offset + len(values) + 1]
+    if len(values):
+        digest.update(memoryview(values.buffers()[2])[offsets[0] : offsets[-1]])

@@ -125,7 +125,7 @@ class TopologySection:
     loader_to_model: dict[int, list[int]] | None = None
     models_per_loader: int | None = 3
     colocated: bool = False  # every rank encodes its own data (one GPU, a laptop)
-    prefetch: int = 2  # batches a loader keeps in flight per model rank; its receiver queues as many again
+    prefetch: int = 2  # batches a loader keeps in flight per model rank; its receiver queues as many and holds one more
     timeout_s: float = 300.0  # collectives and point-to-point
 
     def __post_init__(self):

@@ -198,8 +198,13 @@ class BucketSampler:
         elif saved_replicas != self.num_replicas:
             consumed = used * int(saved_replicas)
             used = -(-consumed // self.num_replicas)
-            note = (f"{saved_replicas} loaders -> {self.num_replicas}: epoch {epoch} continues after the {consumed} "
-                    f"batches of its order already used ({used * self.num_replicas - consumed} skipped)")
+            if used >= self.batches_per_epoch:  # the new loaders' share of the epoch is all used: the next one
+                note = (f"{saved_replicas} loaders -> {self.num_replicas}: the {consumed} batches of epoch {epoch} "
+                        f"already used cover this many loaders' share of it; epoch {epoch + 1} starts")
+                used = self.batches_per_epoch
+            else:
+                note = (f"{saved_replicas} loaders -> {self.num_replicas}: epoch {epoch} continues after the {consumed} "
+                        f"batches of its order already used ({used * self.num_replicas - consumed} skipped)")
         self.epoch, self.batches_used = epoch + used // self.batches_per_epoch, used % self.batches_per_epoch
         return note
 

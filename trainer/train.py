@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
 from etl.config import ConfigError, to_mapping
-from etl.index import bucket_order_version, dataset_version
+from etl.index import bucket_order_version, dataset_version, row_group_version
 from trainer.checkpoint import CheckpointNotFoundError, clean_stale_writes, resolve_checkpoint, save_rank_state
 from trainer.config import load_train_config
 from trainer.data import BucketSampler, DataError, open_index
@@ -139,6 +139,8 @@ def run(args: argparse.Namespace) -> None:
     index = open_index(cfg.data.root, cfg.data.resolution)
     version = dataset_version(index)  # of the whole index, images and captions included: what lineage records
     order = bucket_order_version(index)  # keys and buckets only: new captions keep the sampler's epoch
+    if cfg.data.shuffle == "row_groups":  # that order is drawn over the row groups too
+        order += "-" + row_group_version(index)
     index, validation = _hold_out(cfg, index, rank)
     _check_batches_fit(cfg, topology, index)
     # The held-out share is part of what fixes the sampler's order of batches.
@@ -160,6 +162,10 @@ def run(args: argparse.Namespace) -> None:
     timeout = timedelta(seconds=cfg.topology.timeout_s)
     _init_process_group("nccl" if device.type == "cuda" else "gloo", timeout)
     model_group = new_groups(topology, timeout)
+    # The loaders reach the last barrier once their last batches are sent; the model ranks still train the
+    # up to 2 x prefetch + 1 batches queued for them, then evaluate, sample and checkpoint, each bounded by
+    # timeout_s already (their peers wait that long for them mid-run). So this wait gets all of it.
+    end_group = dist.new_group(timeout=timeout * (2 * cfg.topology.prefetch + 4))
     if rank == 0:
         clean_stale_writes(cfg.checkpoint.dir)
     dist.barrier()  # nobody stages checkpoint state before the stale staging folders are gone
@@ -194,7 +200,7 @@ def run(args: argparse.Namespace) -> None:
                                                                                  cfg.log.val_timesteps),
         )
         train_model_rank(cfg, ctx)
-    dist.barrier()  # the last checkpoint is written before any rank tears the process group down
+    dist.barrier(group=end_group)  # the last checkpoint is written before any rank tears the process group down
     dist.destroy_process_group()
 
 

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from etl.index import (bucket_histogram, bucket_order_version, build_index, dataset_version, duplicate_keys,
-                       with_dataset_version)
+                       row_group_version, with_dataset_version)
 from etl.storage import CorruptShardError, read_parquet, write_parquet_atomic
 from etl.schema import CANONICAL, conform
 
@@ -122,6 +122,16 @@ def test_bucket_order_version_follows_keys_and_buckets_only(shards, tmp_path):
     renamed = index.set_column(index.schema.get_field_index("key"), "key", pa.array(["z" + k for k in index["key"].to_pylist()]))
     assert bucket_order_version(renamed) != version
     assert bucket_order_version(index.slice(1)) != version
+
+
+def test_row_group_version_follows_how_rows_are_grouped_and_nothing_else(shards):
+    index = build_index(shards)
+    version = row_group_version(index)
+    assert row_group_version(pa.concat_tables([index.slice(0, 7), index.slice(7)])) == version
+    regrouped = index.set_column(index.schema.get_field_index("row_group"), "row_group",
+                                 pa.array([g + (i % 2) for i, g in enumerate(index["row_group"].to_pylist())], index["row_group"].type))
+    assert bucket_order_version(regrouped) == bucket_order_version(index)  # same keys, same buckets
+    assert row_group_version(regrouped) != version
 
 
 def test_dataset_version_also_follows_the_shards_contents_and_survives_the_file(shards, tmp_path):

@@ -143,6 +143,16 @@ def test_another_loader_count_continues_the_epoch_after_the_batches_all_loaders_
     sampler = BucketSampler(index, 10, seed=5, rank_offset=1, num_replicas=3, shuffle=shuffle)
     sampler.load_state_dict(late)
     assert (sampler.epoch, sampler.batches_used) == (1, 0)
+    # Growing by several loaders: what one loader used (99 of 100) can pass what each of six gets (16, the
+    # 4 left over dropped); the next epoch is then whole, not entered past its start.
+    near_end = _used(BucketSampler(index, 10, seed=5, shuffle=shuffle), 99)
+    six = [BucketSampler(index, 10, seed=5, rank_offset=r, num_replicas=6, shuffle=shuffle) for r in range(6)]
+    notes = {sampler.load_state_dict(near_end) for sampler in six}
+    assert notes == {"1 loaders -> 6: the 99 batches of epoch 0 already used cover this many loaders' share of it; "
+                     "epoch 1 starts"}
+    assert [(sampler.epoch, sampler.batches_used) for sampler in six] == [(1, 0)] * 6
+    fresh = [BucketSampler(index, 10, seed=5, rank_offset=r, num_replicas=6, shuffle=shuffle) for r in range(6)]
+    assert [take(sampler, 1) for sampler in six] == [fresh_sampler._epoch_batches(1)[:1].tolist() for fresh_sampler in fresh]
 
 
 def test_another_order_redraws_the_epoch_and_continues_at_the_share_used():

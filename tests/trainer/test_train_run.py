@@ -412,3 +412,19 @@ def test_finetune_from_a_checkpoint_at_a_higher_max_res(reference_run, data_root
     result = run([sys.executable, TRAIN, "--config", str(write_config(tmp_path / "train.yaml", config)), "--resume"])
     assert result.returncode == 0, result.stderr[-5000:]
     assert resolve_checkpoint(run_dir).name == "step_0000002" and "finetuning from" not in result.stderr
+
+
+def test_a_last_step_longer_than_timeout_s_does_not_fail_the_finished_loader(data_root, tmp_path):
+    """The loader's part ends with its last send; the model rank then still trains what is queued and, here,
+    samples for longer than topology.timeout_s. The loader's last wait must not time out meanwhile."""
+    run_dir = tmp_path / "run"
+    config = base_config(data_root, run_dir)
+    config["data"]["holdout_fraction"] = 0.0
+    config["train"] |= {"total_steps": 2, "warmup_steps": 1}
+    config["checkpoint"]["every"] = 2
+    config["topology"] = {"models_per_loader": 1, "prefetch": 8, "timeout_s": 6}
+    config["log"] = {"progress": False, "sample_every": 2, "sample_prompts": ["a red circle"], "sample_steps": 2500}
+    # 2500 sampling steps of the tiny model: 20-40 s on a 2-core box, where a 6 s last wait failed the loader.
+    result = run(torchrun_command(2, write_config(tmp_path / "train.yaml", config)))
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert resolve_checkpoint(run_dir).name == "step_0000002" and (run_dir / "samples").is_dir()
