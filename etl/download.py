@@ -338,7 +338,8 @@ def _records_from_tar(tar_path: Path, images: bool) -> list[dict]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta = {}
         field = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        record = {**meta, "key": key, "image": sample[field] if field else None}
+        # Such tars often number their samples from 0 each: the tar's name keeps keys apart across tars.
+        record = {**meta, "key": f"{tar_path.stem}-{key}", "image": sample[field] if field else None}
         if record.get("caption") is None and "txt" in sample:
             record["caption"] = sample["txt"].decode("utf-8", errors="replace")
         record.setdefault("status", "success" if field else "failed_to_download")
@@ -369,14 +370,28 @@ def _img2dataset_records(shard: Path, images: bool) -> list[dict]:
     return records
 
 
+def _text(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _number(value) -> float | None:
+    """A score from a sample's json, which may hold it as a string, or hold something else: null then."""
+    try:
+        return None if value is None or isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _record_rows(records: list[dict], source: str) -> pa.Table:
-    """The URL-list rows (etl.schema.URLS) of img2dataset records: keys ``<source>-<img2dataset key>``."""
+    """The URL-list rows (etl.schema.URLS) of img2dataset records: keys ``<source>-<img2dataset key>``.
+    Metadata from json files from elsewhere is coerced per value (a caption 42, a punsafe "0.1")."""
     return conform(pa.table({
         "key": pa.array([f"{source}-{record['key']}" for record in records], pa.string()),
-        "url": pa.array([record.get("url") for record in records], pa.string()),
-        "caption": pa.array([record.get("caption") for record in records], pa.string()),
+        "url": pa.array([_text(record.get("url")) for record in records], pa.string()),
+        "caption": pa.array([_text(record.get("caption")) for record in records], pa.string()),
         "source": pa.array([source] * len(records), pa.string()),
-        **{name: pa.array([record.get(name) for record in records], pa.float64()) for name in OPTIONAL_FLOAT_COLUMNS},
+        **{name: pa.array([_number(record.get(name)) for record in records], pa.float64())
+           for name in OPTIONAL_FLOAT_COLUMNS},
     }), URLS)
 
 

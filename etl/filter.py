@@ -17,12 +17,13 @@ import pyarrow.compute as pc
 
 from etl.config import FilterConfig
 from etl.images import ImageRejected, decode, open_image, oriented_size
+from etl.recaption.postprocess import clean_alt_text
 from etl.schema import StepResult, make_rejects
 
 STAGE = "filter"
 WINNERS = pa.schema([("sha256", pa.string()), ("key", pa.string())])
 # What ``hash_candidates`` reads of a downloaded shard: a few bytes a row, where the images are ~100 KB.
-HASH_CANDIDATE_COLUMNS = ["key", "sha256", "punsafe", "pwatermark"]
+HASH_CANDIDATE_COLUMNS = ["key", "sha256", "caption", "punsafe", "pwatermark"]
 # Decode JPEGs at a reduced DCT scale, no smaller than this: every byte is still decoded.
 _DRAFT_SIZE = (64, 64)
 
@@ -46,19 +47,24 @@ def _passes_thresholds(table: pa.Table, cfg: FilterConfig) -> pa.Array:
 
 
 def hash_candidates(downloaded: pa.Table, cfg: FilterConfig) -> pa.Table:
-    """(key, sha256) of the rows that pass the metadata thresholds and have a content hash.
+    """(key, sha256, captioned) of the rows that pass the metadata thresholds and have a content hash;
+    ``captioned``: the alt text is not empty once cleaned.
 
     ``downloaded`` needs only the ``HASH_CANDIDATE_COLUMNS``."""
     keep = pc.and_(_passes_thresholds(downloaded, cfg), pc.is_valid(downloaded["sha256"]))
-    return downloaded.select(["key", "sha256"]).filter(keep)
+    rows = downloaded.select(["key", "sha256", "caption"]).filter(keep)
+    captioned = pa.array([bool(clean_alt_text(text)) for text in rows["caption"].to_pylist()], pa.bool_())
+    return rows.select(["key", "sha256"]).append_column("captioned", captioned)
 
 
 def duplicate_winners(candidates: Iterable[pa.Table]) -> pa.Table:
-    """One row per sha256 over all shards, with the smallest key holding it: the copy that is kept."""
-    frames = [pl.from_arrow(table.select(["key", "sha256"])) for table in candidates]
+    """One row per sha256 over all shards: the copy that is kept. A copy with an alt text wins over one
+    without (the alt text is the caption, or the VLM's hint), then the smallest key."""
+    frames = [pl.from_arrow(table.select(["key", "sha256", "captioned"])) for table in candidates]
     if not frames:
         return WINNERS.empty_table()
-    winners = pl.concat(frames).group_by("sha256").agg(pl.col("key").min()).sort("sha256")
+    winners = (pl.concat(frames).sort("captioned", "key", descending=[True, False])
+               .group_by("sha256", maintain_order=True).agg(pl.col("key").first()).sort("sha256"))
     return winners.to_arrow().select(WINNERS.names).cast(WINNERS)
 
 

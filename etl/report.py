@@ -46,9 +46,14 @@ def pipeline_report(layout: DataLayout, resolutions: list[int]) -> PipelineRepor
     shards = layout.shards()
     inputs = _keys(layout.urls(s) for s in shards)["key"]
     # The stage is the rejects' folder (rejects/<stage>/<shard>.parquet): bucket rejects are per resolution
-    # there (bucket_256, ...), and older bucket shards say only "bucket" in their stage column.
-    stages = [(folder.name, sorted(folder.glob("*.parquet")))
-              for folder in sorted((layout.root / "rejects").glob("*")) if folder.is_dir()]
+    # there (bucket_256, ...), and older bucket shards say only "bucket" in their stage column. Only the
+    # current shards and resolutions count: a shard no source makes any more (another shard_size, a source
+    # taken out) left the books with its URL rows, and a resolution taken out left with its buckets.
+    dropped_resolutions = {folder.name for folder in (layout.root / "rejects").glob("bucket_*")} - {
+        bucket_stage(r) for r in resolutions}
+    stages = [(folder.name, [path for s in shards if (path := folder / f"{s}.parquet").exists()])
+              for folder in sorted((layout.root / "rejects").glob("*"))
+              if folder.is_dir() and folder.name not in dropped_resolutions]
     frames = [pl.scan_parquet([str(p) for p in files]).select("key", "reason").with_columns(stage=pl.lit(stage))
               for stage, files in stages if files]
     rejects = (

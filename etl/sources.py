@@ -7,6 +7,7 @@ img2dataset sample keeps its own key (``<source>-<img2dataset key>``).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -114,6 +115,14 @@ def imported_shards(config: PipelineConfig) -> dict[str, tuple[SourceConfig, Pat
             for key, path in img2dataset_source_shards(source)}
 
 
+def _check_unique(keys: list[str], what: str) -> None:
+    counts = Counter(keys)
+    repeated = sorted(key for key, n in counts.items() if n > 1)
+    if repeated:
+        raise ValueError(f"{what} {repeated[0]!r} is made {counts[repeated[0]]} times ({len(repeated)} keys repeat): "
+                         "rename a source or a shard file so that no row is written over")
+
+
 def _source_shards(source: SourceConfig, shard_size: int) -> list[tuple[str, pa.Table]]:
     if source.kind == "img2dataset":
         return [(key, img2dataset_url_rows(path, source.name)) for key, path in img2dataset_source_shards(source)]
@@ -126,7 +135,13 @@ def write_url_shards(config: PipelineConfig) -> tuple[list[str], list[str]]:
     Returns (the shard keys, the keys removed): a shard file no source produces any more (a shorter list,
     a source taken out, another ``shard_size``) is deleted, so that its rows leave the books and the index.
     What was made from it stays on disk, outside them. Every source is read before anything is written."""
-    shards = [shard for source in config.all_sources() for shard in _source_shards(source, config.shard_size)]
+    shards = []
+    for source in config.all_sources():
+        made = _source_shards(source, config.shard_size)
+        if source.kind == "img2dataset":  # a URL list's keys are row numbers, unique by construction
+            _check_unique([key for _, rows in made for key in rows["key"].to_pylist()], f"source {source.name!r}: row key")
+        shards += made
+    _check_unique([key for key, _ in shards], "shard key")  # source 'a-b' and source 'a''s file b-00000
     folder = Path(config.root) / "urls"
     for key, shard in shards:
         path = folder / f"{key}.parquet"

@@ -26,6 +26,23 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    # Reading the umask means setting it: done once, at import, before any thread creates files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def created_mode(directory: bool = False) -> int:
+    """The mode open() or mkdir() would give a new file or folder. tempfile makes them private (0600 and
+    0700); outputs renamed into place from there get this instead, so the trainer or a server running as
+    another user can read the data and the checkpoints."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """``write(file)`` into a temp file beside ``path``, fsync, rename, fsync the folder: readers see the
     old file or the new one, never a partial one, a crash leaves no temp file behind, and the new file
@@ -34,6 +51,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, created_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from etl.storage import fsync_path, write_atomic
+from etl.storage import created_mode, fsync_path, write_atomic
 from trainer.encoders import EncodersConfig
 from trainer.model import MMDiT
 
@@ -70,6 +70,7 @@ def atomic_step_folder(step_dir: str | os.PathLike) -> Iterator[Path]:
     step_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{step_dir.name}.", suffix=".tmp", dir=step_dir.parent))
     try:
+        tmp.chmod(created_mode(directory=True))
         yield tmp
         _fsync_tree(tmp)
         if step_dir.exists():

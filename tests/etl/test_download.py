@@ -262,12 +262,12 @@ def test_import_plain_webdataset_tar(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     result = import_folder(folder, "web")
     [row] = result.kept.to_pylist()
-    assert row["key"] == "web-a/000" and row["caption"] == "a red box" and row["url"] == "http://x/0.png"
+    assert row["key"] == "web-shard-0-a/000" and row["caption"] == "a red box" and row["url"] == "http://x/0.png"
     assert row["image"] == VALID_PNG and (row["width"], row["height"]) == VALID_PNG_SIZE
     assert row["similarity"] == 0.31
     assert dict(zip(result.rejects["key"].to_pylist(), result.rejects["reason"].to_pylist())) == {
-        "web-a/001": "decode_error",
-        "web-a/002": "missing_image",
+        "web-shard-0-a/001": "decode_error",
+        "web-shard-0-a/002": "missing_image",
     }
 
 
@@ -298,3 +298,18 @@ def test_identify_image_keeps_pillows_decompression_bomb_limit():
     assert reason == "decompression_bomb" and "pixels" in detail
     assert identify_image(b"")[0] == "empty_body"
     assert identify_image(b"GIF89a\x00")[0] == "decode_error"
+
+
+def test_plain_webdataset_tars_numbering_samples_alike_keep_them_apart_and_odd_json_is_coerced(tmp_path):
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    for shard in ("part-a", "part-b"):  # both number their samples from 000
+        with tarfile.open(folder / f"{shard}.tar", "w") as tar:
+            meta = json.dumps({"caption": 42, "url": "http://x/0.png", "punsafe": "0.1", "pwatermark": "n/a"}).encode()
+            for name, data in (("000.png", VALID_PNG), ("000.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    rows = import_folder(folder, "web").kept.to_pylist()
+    assert [row["key"] for row in rows] == ["web-part-a-000", "web-part-b-000"]
+    assert (rows[0]["caption"], rows[0]["punsafe"], rows[0]["pwatermark"]) == ("42", 0.1, None)

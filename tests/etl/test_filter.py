@@ -134,3 +134,17 @@ def test_empty_shard():
     table = canonical_table({})
     result = filter_shard(table, None, FilterConfig())
     assert result.kept.num_rows == 0 and result.rejects.num_rows == 0
+
+
+def test_a_copy_with_an_alt_text_wins_over_a_smaller_key_without_one():
+    # The alt text is the caption (alt-text backend) or the VLM's hint: a winner without one would be
+    # rejected at recaption, after its captioned copies were dropped as its duplicates.
+    same = _photo((3, 3, 3))
+    table = canonical_table({"s-0": same, "s-1": same, "s-2": same, "s-3": _photo((4, 4, 4))},
+                            caption=["", "a red fox in the snow", "a red fox", None])
+    cfg = FilterConfig(min_side=16)
+    winners = duplicate_winners([hash_candidates(table, cfg)])
+    assert _outcomes(filter_shard(table, winners, cfg)) == {"s-0": "duplicate", "s-1": "kept", "s-2": "duplicate",
+                                                            "s-3": "kept"}
+    html_only = canonical_table({"t-0": same, "t-1": same}, caption=["<b> </b>", "&nbsp;"])  # nothing once cleaned
+    assert duplicate_winners([hash_candidates(html_only, cfg)])["key"].to_pylist() == ["t-0"]

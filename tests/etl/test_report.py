@@ -26,3 +26,20 @@ def test_a_row_rejected_by_the_bucket_stage_at_each_resolution_counts_once_at_ea
     assert report.balanced, report.table()
     assert report.kept == {256: 1, 512: 1}
     assert report.rejects == {("bucket_256", "decode_error"): 1, ("bucket_512", "decode_error"): 1}
+
+
+def test_rejects_of_shards_and_resolutions_no_longer_made_leave_the_books(tmp_path):
+    layout = DataLayout(tmp_path)
+    keys = [f"s-{i:09d}" for i in range(4)]
+    for shard, rows in (("s-00000", keys[:2]), ("s-00001", keys[2:])):  # shard_size 2, then 4
+        rejects = make_rejects(rows, [f"ftp://x/{k}" for k in rows], "download", ["invalid_url"] * 2)
+        write_parquet_atomic(rejects, layout.rejects("download", shard))
+    urls = conform(pa.table({"key": keys, "url": [f"ftp://x/{k}" for k in keys]}), URLS)
+    write_parquet_atomic(urls, layout.urls("s-00000"))  # the one shard there is now, all four rows
+    write_parquet_atomic(make_rejects(keys, [""] * 4, "download", ["invalid_url"] * 4), layout.rejects("download", "s-00000"))
+    # A resolution taken out of buckets.resolutions: its rejects stay on disk, out of the books.
+    write_parquet_atomic(make_rejects(keys[:1], [""], "bucket_1024", ["too_small"]), layout.rejects("bucket_1024", "s-00000"))
+
+    report = pipeline_report(layout, [256])
+    assert report.balanced, report.table()
+    assert report.rejects == {("download", "invalid_url"): 4}

@@ -173,3 +173,17 @@ def test_pipeline_config_paths_are_relative_to_its_file_and_expand_home(tmp_path
     config = PipelineConfig.from_yaml(tmp_path / "configs" / "pipeline.yaml")
     assert config.root == tmp_path / "out"
     assert config.sources[0].path == tmp_path / "home" / "lists" / "urls.parquet"
+
+
+def test_two_sources_making_one_shard_key_are_refused_before_anything_is_written(tmp_path):
+    pq.write_table(pa.table({"url": ["http://x/1.jpg", "http://x/2.jpg"], "caption": ["a", "b"]}), tmp_path / "list.parquet")
+    (tmp_path / "downloaded").mkdir()  # img2dataset output of source "a" with a shard file named b-00000
+    pq.write_table(pa.table({"key": ["000000001"], "url": ["http://y/1.jpg"], "caption": ["c"], "status": ["success"]}),
+                   tmp_path / "downloaded" / "b-00000.parquet")
+    config = PipelineConfig(root=tmp_path / "root", sources=[
+        SourceConfig(name="a-b", path=tmp_path / "list.parquet"),
+        SourceConfig(name="a", path=tmp_path / "downloaded", kind="img2dataset"),
+    ])
+    with pytest.raises(ValueError, match="shard key 'a-b-00000' is made 2 times"):
+        write_url_shards(config)
+    assert not (tmp_path / "root" / "urls").exists()

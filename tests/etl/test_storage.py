@@ -31,3 +31,17 @@ def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", recording_fsync)
     storage.write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
     assert synced[-1] == (tmp_path, True)
+
+
+def test_written_files_and_checkpoint_folders_get_the_mode_open_would_give(tmp_path):
+    # tempfile's private 0600 / 0700 would lock out a trainer or server running as another user.
+    from trainer.checkpoint import atomic_step_folder
+
+    umask = storage._UMASK
+    storage.write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    with open(tmp_path / "plain.bin", "wb"):
+        pass
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == (tmp_path / "plain.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+    with atomic_step_folder(tmp_path / "run" / "step_0000001") as folder:
+        (folder / "weights").write_bytes(b"w")
+    assert (tmp_path / "run" / "step_0000001").stat().st_mode & 0o777 == 0o777 & ~umask
