@@ -23,7 +23,7 @@ set -euo pipefail
 
 CONFIG=${1:?usage: sbatch [--nodes=N] scripts/slurm/train.sh CONFIG [section.key=value ...]}
 shift
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads it all: no SIGPIPE under pipefail
 
 # One scripts/train_node.sh per node (sbatch runs this file from a spool copy, so the path is the
 # submitting directory's: submit from the repository root). --kill-on-bad-exit: one failed node ends the

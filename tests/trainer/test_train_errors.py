@@ -22,7 +22,7 @@ from tests.trainer.test_train_run import (
     kill_rank,
     node_ranks,
     run,
-    start_node,
+    start_nodes,
     torchrun_command,
     write_config,
 )
@@ -137,7 +137,7 @@ def test_a_dead_node_ends_the_other_node(data_root, tmp_path):  # noqa: F811
     once: the other's ranks see their peers gone, and its torchrun agent exits non-zero, in bounded time."""
     config_path, endpoint = _endless_config(data_root, tmp_path), f"127.0.0.1:{free_port()}"
     logs = [tmp_path / "node-a.txt", tmp_path / "node-b.txt"]
-    nodes = [start_node(config_path, endpoint, log) for log in logs]
+    nodes = start_nodes(config_path, endpoint, logs)  # node-a hosts the store: the killed node-b does not
     try:
         _wait_for_two_steps(tmp_path / "run", nodes, timeout=300)
         kill_everything(nodes[1])

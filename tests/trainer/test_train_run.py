@@ -211,7 +211,7 @@ def test_two_nodes_through_the_rendezvous_train_exactly_like_one(reference_run, 
     config = write_config(tmp_path / "train.yaml", base_config(data_root, run_dir))
     endpoint = f"127.0.0.1:{free_port()}"
     logs = [tmp_path / "node-a.txt", tmp_path / "node-b.txt"]
-    nodes = [start_node(config, endpoint, log) for log in logs]
+    nodes = start_nodes(config, endpoint, logs)
     try:
         for node, log in zip(nodes, logs):
             assert node.wait(timeout=600) == 0, log.read_text()[-5000:]
@@ -377,6 +377,22 @@ def test_resume_on_another_topology_hands_over_the_data_position_and_the_trainin
     assert sampler["epoch"] * sampler["batches_per_epoch"] + sampler["batches_used"] == TOTAL_STEPS + 2
     adam = load_trainer_state(step_dir)["optimizer"]["state"]
     assert {int(s["step"]) for s in adam.values()} == {TOTAL_STEPS + 2}  # the optimizer went on from step 6
+
+
+def start_nodes(config: Path, endpoint: str, logs: list[Path]) -> list[subprocess.Popen]:
+    """One node per log, the first hosting the rendezvous store: it is started alone and listening before
+    the others start (on one machine, whichever agent binds the port first hosts it)."""
+    first = start_node(config, endpoint, logs[0])
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + 120
+    while True:
+        assert first.poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    return [first, *(start_node(config, endpoint, log) for log in logs[1:])]
 
 
 def free_port() -> int:
