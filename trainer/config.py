@@ -127,6 +127,9 @@ class TopologySection:
     colocated: bool = False  # every rank encodes its own data (one GPU, a laptop)
     prefetch: int = 2  # batches a loader keeps in flight per model rank; its receiver queues as many and holds one more
     timeout_s: float = 300.0  # collectives and point-to-point
+    # A model rank's wait for its loader's first batch: the loader first loads its encoders (from the Hub,
+    # the first time) and encodes the validation batches. A loader that fails meanwhile says so at once.
+    startup_timeout_s: float = 1800.0
 
     def __post_init__(self):
         if self.loader_to_model is None and not self.colocated:
@@ -136,6 +139,8 @@ class TopologySection:
         _at_least(self, 1, "prefetch")
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s: must be positive, got {self.timeout_s}")
+        if self.startup_timeout_s < self.timeout_s:
+            raise ConfigError(f"startup_timeout_s: {self.startup_timeout_s} is below timeout_s {self.timeout_s}")
 
 
 @dataclass

@@ -189,7 +189,8 @@ def run(args: argparse.Namespace) -> None:
                 validation_batches = feeder.encode_validation(validation, shares[rank])
             source = LocalFeeder(feeder, cfg.train.total_steps * cfg.train.accumulation_steps, cfg.topology.prefetch)
         else:
-            source = BatchReceiver(topology.loader_of(rank), cfg.topology.prefetch, device, timeout_s=cfg.topology.timeout_s)
+            source = BatchReceiver(topology.loader_of(rank), cfg.topology.prefetch, device, timeout_s=cfg.topology.timeout_s,
+                                   first_timeout_s=cfg.topology.startup_timeout_s)
             if validation is not None:
                 validation_batches = [_validation_batch(source, rank) for _ in shares[rank]]
         model_ranks = topology.model_ranks

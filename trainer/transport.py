@@ -187,9 +187,12 @@ def recv_batch(src: int, group=None, device="cpu", timeout_s: float = 300.0) -> 
     return batch
 
 
-def batches_from(src: int, group=None, device="cpu", timeout_s: float = 300.0) -> Iterator[dict[str, torch.Tensor]]:
-    """Every batch global rank ``src`` sends, until its end sentinel."""
-    while (batch := recv_batch(src, group=group, device=device, timeout_s=timeout_s)) is not None:
+def batches_from(src: int, group=None, device="cpu", timeout_s: float = 300.0,
+                 first_timeout_s: float | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Every batch global rank ``src`` sends, until its end sentinel; the first may take ``first_timeout_s``."""
+    wait = first_timeout_s or timeout_s
+    while (batch := recv_batch(src, group=group, device=device, timeout_s=wait)) is not None:
+        wait = timeout_s
         yield batch
 
 
@@ -201,6 +204,7 @@ class BatchReceiver(Prefetcher):
     the loader still sends (each receive stays bounded by ``timeout_s``).
     """
 
-    def __init__(self, src: int, depth: int, device="cpu", group=None, timeout_s: float = 300.0):
+    def __init__(self, src: int, depth: int, device="cpu", group=None, timeout_s: float = 300.0,
+                 first_timeout_s: float | None = None):
         self.src = src
-        super().__init__(batches_from(src, group, device, timeout_s), depth, name=f"recv-from-{src}")
+        super().__init__(batches_from(src, group, device, timeout_s, first_timeout_s), depth, name=f"recv-from-{src}")

@@ -16,6 +16,7 @@ from trainer.transport import (
     LoaderFailed,
     TransportError,
     TransportTimeout,
+    batches_from,
     pack_batch,
     pack_text,
     recv_batch,
@@ -190,6 +191,31 @@ def _silent_sender_worker(rank, init, out):
 def test_silent_sender_times_out_naming_the_peer(tmp_path):
     error = _spawn(_silent_sender_worker, tmp_path)["error"]
     assert error == "no batch header from rank 0 within 0.5 s: is that rank alive?"
+
+
+def _slow_first_batch_worker(rank, init, out):
+    _init(rank, 2, init)
+    if rank == 0:
+        time.sleep(1.5)  # a loader loading its encoders
+        for work in send_batch(expected_batch(0), dst=1):
+            work.wait()
+        time.sleep(3)  # then stuck
+        os._exit(0)
+    received = []
+    try:
+        for batch in batches_from(0, timeout_s=0.5, first_timeout_s=10):
+            received.append(batch["latents"].shape[0])
+        error = None
+    except TransportTimeout as err:
+        error = str(err)
+    out.write_text(json.dumps({"received": received, "error": error}))
+    os._exit(0)
+
+
+def test_the_first_batch_may_take_the_startup_timeout_and_the_next_ones_only_the_timeout(tmp_path):
+    result = _spawn(_slow_first_batch_worker, tmp_path)
+    assert result["received"] == [expected_batch(0)["latents"].shape[0]]
+    assert result["error"] == "no batch header from rank 0 within 0.5 s: is that rank alive?"
 
 
 def _groups_worker(rank, init, out):
