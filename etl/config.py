@@ -163,6 +163,10 @@ class SourceConfig:
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"sources: name {self.name!r} must be letters, digits, '-' or '_'")
+        reserved = [name for name in self.extra_cols if name in ("key", "url", "caption", "source")]
+        if reserved:  # the pipeline writes these itself: a column of the list by that name would clash
+            raise ConfigError(f"sources: {self.name}: extra_cols {reserved[0]!r} is a column the pipeline makes; "
+                              "map the list's own url and caption with url_col and caption_col")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from etl.config import PipelineConfig, SourceConfig
+from etl.config import ConfigError, PipelineConfig, SourceConfig
 from etl.layout import DataLayout
 from etl.schema import URLS
 from etl.sources import read_url_list, shard_url_list, write_url_shards
@@ -187,3 +187,9 @@ def test_two_sources_making_one_shard_key_are_refused_before_anything_is_written
     with pytest.raises(ValueError, match="shard key 'a-b-00000' is made 2 times"):
         write_url_shards(config)
     assert not (tmp_path / "root" / "urls").exists()
+
+
+@pytest.mark.parametrize("column", ["key", "source", "url"])
+def test_extra_columns_the_pipeline_makes_itself_are_refused(column, tmp_path):
+    with pytest.raises(ConfigError, match=f"extra_cols '{column}' is a column the pipeline makes"):
+        SourceConfig(name="web", path=tmp_path / "list.parquet", extra_cols=[column])
