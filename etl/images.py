@@ -92,6 +92,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         ImageOps.exif_transpose(img, in_place=True)
         if img.mode.startswith("I;16") or img.mode == "I":
             img = _wide_grey_to_l(img)
+        elif img.mode == "F":
+            img = _float_grey_to_l(img)
         if img.has_transparency_data:
             rgba = img.convert("RGBA")
             background = Image.new("RGB", rgba.size, WHITE)
@@ -104,5 +106,17 @@ def _wide_grey_to_l(img: Image.Image) -> Image.Image:
     # Pillow's own I;16 -> L conversion clips everything above 255 to white instead of rescaling,
     # so a 16-bit photo would come out blown out; keep the top 8 bits instead. 16-bit PNGs may also
     # open as 32-bit "I" holding 0..65535, hence the clip.
-    pixels = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
-    return Image.fromarray(pixels.astype(np.uint8))
+    raw = np.asarray(img, dtype=np.int64)
+    grey = Image.fromarray((np.clip(raw, 0, 65535) >> 8).astype(np.uint8))
+    transparent = img.info.get("transparency")  # a PNG's tRNS: the one 16-bit value that is see-through
+    if isinstance(transparent, int):
+        grey.putalpha(Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8)))
+    return grey
+
+
+def _float_grey_to_l(img: Image.Image) -> Image.Image:
+    # 32-bit float TIFFs hold 0..1 (or, less often, 0..255); Pillow's conversion truncates 0..1 to black.
+    pixels = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    if pixels.size and pixels.max() <= 1.0:
+        pixels = pixels * 255.0
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))

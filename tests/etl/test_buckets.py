@@ -207,3 +207,16 @@ def test_bucketed_shards_are_sorted_by_bucket_and_spread_within_it(tmp_path):
     first_bucket = [k for k, size in zip(stored["key"].to_pylist(), sizes) if size == (192, 256)]
     assert first_bucket != sorted(first_bucket, key=lambda k: int(k[1:]))  # not the source order
     assert read_parquet(write_bucketed(table, tmp_path / "again.parquet")).equals(stored)
+
+
+def test_a_16_bit_grey_png_keeps_its_transparent_value_and_a_float_tiff_its_brightness():
+    raw = np.full((8, 8), 40000, np.uint16)
+    raw[:4] = 1000  # the tRNS value: the top half is see-through
+    buffer = io.BytesIO()
+    Image.fromarray(raw).save(buffer, "PNG", transparency=1000)
+    rgb = np.asarray(to_rgb(Image.open(io.BytesIO(buffer.getvalue()))))
+    assert (rgb[:4] == 255).all() and (rgb[4:] == 40000 >> 8).all()  # on white; the rest keeps its grey
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(buffer, "TIFF")
+    assert (np.asarray(to_rgb(Image.open(io.BytesIO(buffer.getvalue())))) == 128).all()
