@@ -64,6 +64,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     return path
 
 
+# Every page written with a CRC and checked on read: a flipped bit in an uncompressed image column would
+# otherwise read back as a different image, silently. Files written elsewhere (img2dataset) carry none.
+VERIFY = {"page_checksum_verification": True}
+
+
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, compression: str = "zstd",
                          row_group_size: int | None = None, uncompressed: tuple[str, ...] = (),
                          statistics: bool | tuple[str, ...] = True) -> Path:
@@ -73,7 +78,7 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, compression: 
     codecs = {name: "none" if name in uncompressed else compression for name in table.column_names}
     stats = list(statistics) if isinstance(statistics, tuple) else statistics
     return write_atomic(path, lambda f: pq.write_table(table, f, compression=codecs, row_group_size=row_group_size,
-                                                       write_statistics=stats))
+                                                       write_statistics=stats, write_page_checksum=True))
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
@@ -81,8 +86,8 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> p
     if not path.exists():
         raise FileNotFoundError(f"shard not found: {path}")
     try:
-        return pq.read_table(path, columns=columns)
-    except (pa.ArrowInvalid, OSError) as err:
+        return pq.read_table(path, columns=columns, **VERIFY)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as err:
         raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err
 
 
@@ -109,6 +114,6 @@ def read_parquet_versioned(path: str | os.PathLike) -> tuple[pa.Table, str]:
         digest = _short_digest([hashlib.file_digest(f, "sha256").digest()])
         f.seek(0)
         try:
-            return pq.read_table(f), digest
-        except (pa.ArrowInvalid, OSError) as err:
+            return pq.read_table(f, **VERIFY), digest
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as err:
             raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from etl.layout import DataLayout
-from etl.storage import read_parquet
+from etl.storage import VERIFY, read_parquet
 
 INDEX_COLUMNS = ("shard", "row", "key", "height", "width")
 SHARD_COLUMNS = ["key", "image", "caption", "recaption", "recaption_short"]
@@ -309,7 +309,7 @@ class BucketBatches(Dataset):
         if not path.exists():
             raise DataError(f"shard {path} named by the index is missing: rebuild the index")
         try:
-            file = pq.ParquetFile(path)
+            file = pq.ParquetFile(path, **VERIFY)
         except (pa.ArrowInvalid, OSError) as err:
             raise DataError(f"bucket shard {path} cannot be read ({err}): rebuild it (materialize its bucketed "
                             f"partition) and the index") from err

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from etl.images import ImageRejected, decode, open_image, to_rgb
-from etl.storage import CorruptShardError
+from etl.storage import VERIFY, CorruptShardError
 
 INCEPTION_SIZE = 299  # the FID Inception's input side
 INCEPTION_FEATURES = 2048  # its pool3 features, the standard FID layer
@@ -83,7 +83,7 @@ def _decoded(data: bytes | None) -> Image.Image | ImageRejected:
 
 def _open_shard(path: Path) -> pq.ParquetFile:
     try:
-        shard = pq.ParquetFile(path)
+        shard = pq.ParquetFile(path, **VERIFY)
     except (pa.ArrowInvalid, OSError) as err:
         raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err
     if "image" not in shard.schema_arrow.names:

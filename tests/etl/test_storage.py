@@ -45,3 +45,20 @@ def test_written_files_and_checkpoint_folders_get_the_mode_open_would_give(tmp_p
     with atomic_step_folder(tmp_path / "run" / "step_0000001") as folder:
         (folder / "weights").write_bytes(b"w")
     assert (tmp_path / "run" / "step_0000001").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_flipped_bit_in_an_uncompressed_image_column_is_caught_on_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Over 4 KiB, as images are: no min/max statistics copy of the bytes goes into the footer.
+    table = pa.table({"key": ["a", "b"], "image": [os.urandom(8000), os.urandom(8000)]})
+    path = storage.write_parquet_atomic(table, tmp_path / "shard.parquet", uncompressed=("image",))
+    data = bytearray(path.read_bytes())
+    data[data.index(table["image"][1].as_py()[:64]) + 100] ^= 0x10  # inside the stored bytes of image "b"
+    path.write_bytes(bytes(data))
+    assert not pq.read_table(path)["image"].equals(table["image"])  # unchecked, it reads back as other bytes
+    with pytest.raises(storage.CorruptShardError, match="CRC checksum verification failed"):
+        storage.read_parquet(path)
+    with pytest.raises(storage.CorruptShardError, match="CRC"):
+        storage.read_parquet_versioned(path)
