@@ -23,7 +23,7 @@ from PIL import Image
 from etl.accounting import check_accounting, reject_where
 from etl.buckets import bucket_shard, bucket_size, bucket_stage, write_bucketed
 from etl.config import PipelineConfig
-from etl.download import download_shard, img2dataset_stamp, import_img2dataset_shard
+from etl.download import TRANSIENT_REASONS, download_shard, img2dataset_stamp, import_img2dataset_shard
 from etl.filter import HASH_CANDIDATE_COLUMNS, dedup_version, duplicate_winners, filter_shard, hash_candidates
 from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys, with_dataset_version
 from etl.invariants import bucketed_violations
@@ -67,7 +67,8 @@ def stage_code_versions(config: PipelineConfig) -> dict[str, str]:
         "bucketed": {"format": buckets.format, "multiple": buckets.multiple,
                      **({} if buckets.format == "png" else {"quality": buckets.quality})},
     }
-    return {stage: f"{CODE_VERSION}-{hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]}"
+    # The root too: two configs sharing one Dagster instance must not take each other's outputs as theirs.
+    return {stage: f"{CODE_VERSION}-{hashlib.sha256(json.dumps({'root': str(config.root), **values}, sort_keys=True).encode()).hexdigest()[:12]}"
             for stage, values in settings.items()}
 
 
@@ -162,6 +163,12 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
         else:  # already downloaded: its img2dataset shard file is read, not its URLs
             result = import_img2dataset_shard(imported[1], imported[0].name)
         check_accounting(urls["key"], result, "download")
+        if imported is None and result.kept.num_rows == 0 and urls.num_rows and set(
+                result.rejects["reason"].to_pylist()) <= TRANSIENT_REASONS:
+            # Recorded, this shard would count as downloaded for good: the next run would not try it again.
+            raise dg.Failure(description=f"every one of the {urls.num_rows} URLs of {shard} failed with a timeout or "
+                                         "a connection error: is the network (or its host) up? Nothing was recorded; "
+                                         "run again")
         out, rejects = layout.downloaded(shard), layout.rejects("download", shard)
         write_step(result, out, rejects)
         metadata = step_metadata(result, urls.num_rows, time.perf_counter() - start, out)
@@ -256,8 +263,14 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
         result = bucket_shard(table, resolution, cfg.buckets)
         check_accounting(table["key"], result, bucket_stage(resolution))
         out, rejects = layout.bucketed(resolution, shard), layout.rejects(bucket_stage(resolution), shard)
-        write_step(result, out, rejects, write_kept=write_bucketed)
+        # Checked before anything is written: a failed blocking check still records the materialization,
+        # and `sd3 data run` would then count the shard as done.
         violations = bucketed_violations(result.kept, resolution, cfg.buckets.multiple)
+        if any(violations.values()):
+            raise dg.Failure(description=f"bucket_invariants: shard {shard} at {resolution} px breaks them; nothing "
+                                         "was written", metadata={name: dg.MetadataValue.json(keys[:20])
+                                                                  for name, keys in violations.items() if keys})
+        write_step(result, out, rejects, write_kept=write_bucketed)
         metadata = step_metadata(result, table.num_rows, time.perf_counter() - start, out)
         metadata["bucket_histogram"] = dg.MetadataValue.json(bucket_histogram(
             result.kept.select(["key", "height", "width"])))
@@ -266,11 +279,7 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(
             metadata=metadata,
             data_version=file_version(out),
-            check_results=[dg.AssetCheckResult(
-                check_name="bucket_invariants",
-                passed=not any(violations.values()),
-                metadata={name: dg.MetadataValue.json(keys[:20]) for name, keys in violations.items()},
-            )],
+            check_results=[dg.AssetCheckResult(check_name="bucket_invariants", passed=True)],
         )
 
     @dg.asset(
@@ -292,8 +301,11 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
                                layout.bucketed(resolution, s))
             for s in present}
         index = with_dataset_version(build_index([layout.bucketed(resolution, s) for s in present]), shard_versions)
-        write_parquet_atomic(index, layout.index(resolution))
         repeated, repeated_keys = duplicate_keys(index)
+        if repeated:  # before the write: the trainer must never read an index whose keys repeat
+            raise dg.Failure(description=f"index_keys_unique: {repeated} rows at {resolution} px repeat a key; the "
+                                         "index was not written", metadata={"duplicate_keys": dg.MetadataValue.json(repeated_keys)})
+        write_parquet_atomic(index, layout.index(resolution))
         version, histogram = dataset_version(index), bucket_histogram(index)
         return dg.MaterializeResult(
             metadata={
@@ -306,9 +318,8 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
                 "path": dg.MetadataValue.path(str(layout.index(resolution))),
             },
             data_version=dg.DataVersion(version),
-            check_results=[dg.AssetCheckResult(check_name="index_keys_unique", passed=not repeated,
-                                               metadata={"duplicates": repeated,
-                                                         "duplicate_keys": dg.MetadataValue.json(repeated_keys)})],
+            check_results=[dg.AssetCheckResult(check_name="index_keys_unique", passed=True,
+                                               metadata={"duplicates": 0})],
         )
 
     return [url_shards, downloaded, content_hashes, filtered, recaptioned, bucketed, bucket_index]

@@ -49,6 +49,10 @@ _REASONS: list[tuple[re.Pattern, str]] = [
 ]
 
 
+# Outcomes that say nothing about the URL, only about the network or the host at that moment.
+TRANSIENT_REASONS = frozenset({"timeout", "connection_error"})
+
+
 def reason_for(message: str | None) -> str:
     """A short machine-readable reason for one of img2dataset's error messages."""
     for pattern, reason in _REASONS:

@@ -273,10 +273,11 @@ def load_rank_state(step_dir: str | os.PathLike, rank: int) -> dict:
 
 
 def checkpoint_metadata(step_dir: str | os.PathLike) -> dict:
-    """step, loss and dataset_version of a saved checkpoint, and its latest validation loss when the run has one
-    (the Dagster ``checkpoint`` asset's metadata)."""
+    """step, loss and dataset_version of a saved checkpoint, the resolution it trained at (which bucket_index
+    partition it read; older checkpoints lack it) and its latest validation loss when the run has one (the
+    Dagster ``checkpoint`` asset's metadata)."""
     meta = read_json(step_dir, "meta.json")
     missing = {"step", "loss", "dataset_version"} - meta.keys()
     if missing:
         raise CheckpointNotFoundError(f"{resolve_checkpoint(step_dir)}/meta.json lacks {sorted(missing)}")
-    return {key: meta[key] for key in ("step", "loss", "dataset_version", *VALIDATION_KEYS) if key in meta}
+    return {key: meta[key] for key in ("step", "loss", "dataset_version", "resolution", *VALIDATION_KEYS) if key in meta}

@@ -17,7 +17,7 @@ from orchestration.definitions import build_definitions
 
 
 def url_list(path, n):
-    pq.write_table(pa.table({"url": [f"http://127.0.0.1:9/{i}.png" for i in range(n)],
+    pq.write_table(pa.table({"url": [f"ftp://127.0.0.1/{i}.png" for i in range(n)],  # rejected, never fetched
                              "caption": [f"image {i}" for i in range(n)]}), path)
 
 
@@ -103,7 +103,7 @@ def test_schedule_backfills_the_captions_that_are_not_up_to_date(setup):
     defs, instance, _, layout = setup
     materialize(defs, instance, "url_shards_job")
     shards = layout.shards()
-    materialize(defs, instance, "download_job", shards)  # every URL refused: the shards hold rejects only
+    materialize(defs, instance, "download_job", shards)  # every URL invalid: the shards hold rejects only
     materialize(defs, instance, "hashes_job")
     materialize(defs, instance, "filter_job", shards)
     materialize(defs, instance, "recaption_job", shards[:2])  # the third shard is never captioned
@@ -122,3 +122,40 @@ def test_schedule_backfills_the_captions_that_are_not_up_to_date(setup):
                                    status=dg.DagsterRunStatus.STARTED, tags={"dagster/partition": shards[2]}))
     with dg.build_schedule_context(instance=instance, resources=resources(defs)) as context:
         assert [r.partition_key for r in schedule(context)] == [shards[1]]
+
+
+def test_a_shard_breaking_the_bucket_invariants_is_neither_written_nor_recorded(setup, monkeypatch):
+    # A failed blocking check would still record the materialization, and `sd3 data run` would count the
+    # shard as done: the asset fails before writing instead.
+    import assets.pipeline
+
+    defs, instance, _, layout = setup
+    materialize(defs, instance, "url_shards_job")
+    shard = layout.shards()[0]
+    materialize(defs, instance, "download_job", [shard])
+    materialize(defs, instance, "hashes_job")
+    materialize(defs, instance, "filter_job", [shard])
+    materialize(defs, instance, "recaption_job", [shard])
+    monkeypatch.setattr(assets.pipeline, "bucketed_violations", lambda *_: {"not_multiple_of_16": ["k-1"]})
+    key = str(dg.MultiPartitionKey({"shard": shard, "resolution": "64"}))
+    result = defs.resolve_job_def("bucket_job").execute_in_process(instance=instance, partition_key=key,
+                                                                     raise_on_error=False)
+    assert not result.success
+    assert "bucket_invariants" in str(result.failure_data_for_node("bucketed").error)
+    assert not layout.bucketed(64, shard).exists() and not layout.rejects("bucket_64", shard).exists()
+    assert instance.get_materialized_partitions(dg.AssetKey("bucketed")) == set()
+
+
+def test_a_shard_whose_every_url_met_a_network_failure_is_not_recorded_as_downloaded(setup):
+    # Recorded, it would count as downloaded for good; failing, the next run tries it again.
+    defs, instance, watch, layout = setup
+    pq.write_table(pa.table({"url": [f"http://127.0.0.1:9/{i}.png" for i in range(2)],  # port 9: refused
+                             "caption": ["a", "b"]}), watch / "laion-part-1.parquet")
+    materialize(defs, instance, "url_shards_job")
+    shard = layout.shards()[0]
+    result = defs.resolve_job_def("download_job").execute_in_process(instance=instance, partition_key=shard,
+                                                                       raise_on_error=False)
+    assert not result.success
+    assert "failed with a timeout or a connection error" in str(result.failure_data_for_node("downloaded").error)
+    assert not layout.downloaded(shard).exists()
+    assert instance.get_materialized_partitions(dg.AssetKey("downloaded")) == set()

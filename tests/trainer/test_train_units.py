@@ -157,7 +157,7 @@ def _save(tmp_path, step, model, world_size=2):
     model(torch.zeros(1, 16, 4, 4), torch.rand(1), torch.zeros(1, 154, 64), torch.zeros(1, 64)).sum().backward()
     optimizer.step()
     return save_checkpoint(tmp_path, step, model, model, EncodersConfig(preset="tiny"),
-                           {"loss": 0.5 / step, "dataset_version": "v1"},
+                           {"loss": 0.5 / step, "dataset_version": "v1", "resolution": 256},
                            {"optimizer": optimizer.state_dict(), "wandb_run_id": "abc"}, files, keep=2)
 
 
@@ -174,7 +174,7 @@ def test_resumable_state_round_trips_and_old_steps_are_pruned(tmp_path):
     rank1 = load_rank_state(tmp_path, 1)
     assert rank1["sampler"] == {"epoch": 1, "batches_used": 6}
     assert torch.equal(rank1["generator"], torch.Generator().manual_seed(1).get_state())
-    assert checkpoint_metadata(tmp_path) == {"step": 6, "loss": 0.5 / 6, "dataset_version": "v1"}
+    assert checkpoint_metadata(tmp_path) == {"step": 6, "loss": 0.5 / 6, "dataset_version": "v1", "resolution": 256}
     loaded = load_model(tmp_path, prefer_ema=False)
     for a, b in zip(loaded.parameters(), model.parameters()):
         assert torch.equal(a, b)
