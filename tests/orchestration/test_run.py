@@ -1,4 +1,4 @@
-"""`sd3 data run`'s housekeeping on the Dagster instance, against a real (temporary) instance."""
+"""`sd3 data run`'s housekeeping and freshness on the Dagster instance, against a real (temporary) instance."""
 
 from __future__ import annotations
 
@@ -38,3 +38,14 @@ def test_runs_whose_process_died_are_failed_and_their_pool_slots_freed():
         assert statuses == {"orphan": dg.DagsterRunStatus.FAILURE, "running": dg.DagsterRunStatus.STARTED,
                             "daemon": dg.DagsterRunStatus.STARTED, "elsewhere": dg.DagsterRunStatus.STARTED}
         assert instance.event_log_storage.get_concurrency_info("recaption").claimed_slots == []
+
+
+def test_two_roots_on_one_instance_never_share_a_stage_version(tmp_path):
+    # Freshness compares code versions first: with the root in them, a second config on the same
+    # DAGSTER_HOME cannot take the first one's materializations (and files) as its own.
+    from assets.pipeline import stage_code_versions
+    from etl.config import PipelineConfig
+
+    first, second = (stage_code_versions(PipelineConfig(root=tmp_path / name, sources=[])) for name in ("a", "b"))
+    assert first.keys() == second.keys() and all(first[stage] != second[stage] for stage in first)
+    assert stage_code_versions(PipelineConfig(root=tmp_path / "a", sources=[])) == first
