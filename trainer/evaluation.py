@@ -81,21 +81,24 @@ def _decoded(data: bytes | None) -> Image.Image | ImageRejected:
         return rejected
 
 
-def _open_shard(path: Path) -> pq.ParquetFile:
+def _shard_row_groups(path: Path) -> list[int]:
+    """Rows per row group of a reference shard, from its footer alone (the file is not kept open)."""
     try:
-        shard = pq.ParquetFile(path, **VERIFY)
+        metadata = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err
-    if "image" not in shard.schema_arrow.names:
-        raise EvalSetupError(f"{path}: no 'image' column (columns: {', '.join(shard.schema_arrow.names)})")
-    return shard
+    names = metadata.schema.to_arrow_schema().names
+    if "image" not in names:
+        raise EvalSetupError(f"{path}: no 'image' column (columns: {', '.join(names)})")
+    return [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
 
 
-def _row_group_images(path: Path, shard: pq.ParquetFile, group: int) -> Iterator[Image.Image | ImageRejected]:
+def _row_group_images(path: Path, group: int) -> Iterator[Image.Image | ImageRejected]:
     try:
-        for batch in shard.iter_batches(columns=["image"], batch_size=FEATURE_BATCH, row_groups=[group]):
-            for data in batch.column("image").to_pylist():
-                yield _decoded(data)
+        with pq.ParquetFile(path, **VERIFY) as shard:
+            for batch in shard.iter_batches(columns=["image"], batch_size=FEATURE_BATCH, row_groups=[group]):
+                for data in batch.column("image").to_pylist():
+                    yield _decoded(data)
     except (pa.ArrowInvalid, OSError) as err:
         raise CorruptShardError(f"cannot read parquet file {path}: {err}") from err
 
@@ -110,13 +113,13 @@ def spread(count: int, wanted: int) -> list[int]:
 def _parquet_images(shards: list[Path], limit: int | None) -> Iterator[Image.Image | ImageRejected]:
     # Whole row groups, spread over every shard: bucketed shards are sorted by bucket, so the first groups
     # would all be one aspect ratio, and a row here and there would read a whole group (~8 MiB) per image.
-    groups = [(path, shard, group, shard.metadata.row_group(group).num_rows)
-              for path in shards for shard in [_open_shard(path)] for group in range(shard.num_row_groups)]
-    rows = sum(n for *_, n in groups)
-    if limit is not None and rows > limit:
-        groups = [groups[i] for i in spread(len(groups), -(-limit * len(groups) // rows))]
-    for path, shard, group, _ in groups:
-        yield from _row_group_images(path, shard, group)
+    # Footers only up front: a dataset's thousands of shards would otherwise all be open at once.
+    groups = [(path, group, rows) for path in shards for group, rows in enumerate(_shard_row_groups(path))]
+    total = sum(rows for *_, rows in groups)
+    if limit is not None and total > limit:
+        groups = [groups[i] for i in spread(len(groups), -(-limit * len(groups) // total))]
+    for path, group, _ in groups:
+        yield from _row_group_images(path, group)
 
 
 def iter_reference(source: str | os.PathLike, setting: str = "--reference",
