@@ -53,7 +53,16 @@ def hash_candidates(downloaded: pa.Table, cfg: FilterConfig) -> pa.Table:
     ``downloaded`` needs only the ``HASH_CANDIDATE_COLUMNS``."""
     keep = pc.and_(_passes_thresholds(downloaded, cfg), pc.is_valid(downloaded["sha256"]))
     rows = downloaded.select(["key", "sha256", "caption"]).filter(keep)
-    captioned = pa.array([bool(clean_alt_text(text)) for text in rows["caption"].to_pylist()], pa.bool_())
+    captions = rows["caption"]
+    # Vectorised for the usual plain text; only captions with markup go through clean_alt_text in Python
+    # (this runs over every row of the dataset at each pipeline run).
+    captioned = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(captions)), 0), False)
+    markup = pc.fill_null(pc.match_substring_regex(captions, "[<&]"), False)
+    if pc.any(markup).as_py():
+        marked = pc.indices_nonzero(markup).to_pylist()
+        flags = captioned.to_numpy(zero_copy_only=False).copy()
+        flags[marked] = [bool(clean_alt_text(text)) for text in captions.take(marked).to_pylist()]
+        captioned = pa.array(flags)
     return rows.select(["key", "sha256"]).append_column("captioned", captioned)
 
 
