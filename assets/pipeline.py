@@ -166,9 +166,9 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
         if imported is None and result.kept.num_rows == 0 and urls.num_rows and set(
                 result.rejects["reason"].to_pylist()) <= TRANSIENT_REASONS:
             # Recorded, this shard would count as downloaded for good: the next run would not try it again.
-            raise dg.Failure(description=f"every one of the {urls.num_rows} URLs of {shard} failed with a timeout or "
-                                         "a connection error: is the network (or its host) up? Nothing was recorded; "
-                                         "run again")
+            raise dg.Failure(description=f"every one of the {urls.num_rows} URLs of {shard} failed with a timeout, "
+                                         "a connection error or a 429/502/503/504, on every pass: is the network "
+                                         "(or its host) up? Nothing was recorded; run again")
         out, rejects = layout.downloaded(shard), layout.rejects("download", shard)
         write_step(result, out, rejects)
         metadata = step_metadata(result, urls.num_rows, time.perf_counter() - start, out)

@@ -174,11 +174,19 @@ class DownloadConfig:
     processes: int = 4
     threads: int = 32
     timeout: int = 10
-    retries: int = 0
+    retries: int = 0  # img2dataset's: tries again at once, inside the same request
+    # Further passes over the URLs that timed out or met a connection or a 429/502/503/504 error, each after
+    # the whole shard has been tried: a host that was down for a moment has had time to come back.
+    transient_passes: int = 1
     # "original" keeps the downloaded bytes as they are; "jpg"/"png"/"webp" re-encode inside img2dataset.
     encode_format: Literal["original", "jpg", "png", "webp"] = "original"
     user_agent_token: str | None = None
     disallowed_header_directives: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name, least in (("processes", 1), ("threads", 1), ("timeout", 1), ("retries", 0), ("transient_passes", 0)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"download.{name}: must be at least {least}, got {getattr(self, name)}")
 
 
 @dataclass

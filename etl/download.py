@@ -50,7 +50,7 @@ _REASONS: list[tuple[re.Pattern, str]] = [
 
 
 # Outcomes that say nothing about the URL, only about the network or the host at that moment.
-TRANSIENT_REASONS = frozenset({"timeout", "connection_error"})
+TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "http_429", "http_502", "http_503", "http_504"})
 
 
 def reason_for(message: str | None) -> str:
@@ -194,8 +194,38 @@ def sample_outcome(record: dict, image_column: str) -> tuple:
     return "kept", image, width, height, original_width, original_height, sha256
 
 
+def _fetch(urls: pa.Table, rows: list[int], work_dir: Path, cfg: DownloadConfig) -> dict[int, tuple]:
+    """One img2dataset pass over the given rows of ``urls``: {row: sample_outcome(...)} for each of them."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="img2dataset-", dir=work_dir))
+    try:
+        url_list = scratch / "urls.parquet"
+        to_send = urls.take(rows)
+        pq.write_table(pa.table({KEY_COLUMN: to_send["key"], "url": to_send["url"]}), url_list)
+        output = scratch / "output"
+        run_img2dataset(_img2dataset_arguments(url_list, output, len(rows), cfg))
+        # img2dataset names the image column after its encode_format (with no re-encoding: "jpg", original bytes)
+        image_column = "jpg" if cfg.encode_format == "original" else cfg.encode_format
+        row_of_key = dict(zip(to_send["key"].to_pylist(), rows))
+        outcomes: dict[int, tuple] = {}
+        for record in _read_records(output).to_pylist():
+            row = row_of_key.get(record[KEY_COLUMN])
+            if row is None or row in outcomes:
+                raise RuntimeError(f"img2dataset returned an unexpected or repeated key {record[KEY_COLUMN]!r}")
+            outcomes[row] = sample_outcome(record, image_column)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for row in rows:
+        outcomes.setdefault(row, ("rejected", "not_recorded", "img2dataset wrote no record for this sample (see its log)"))
+    return outcomes
+
+
 def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig) -> StepResult:
-    """Download ``urls`` (etl.schema.URLS rows) with img2dataset; returns CANONICAL kept rows + rejects."""
+    """Download ``urls`` (etl.schema.URLS rows) with img2dataset; returns CANONICAL kept rows + rejects.
+
+    After the first pass, the rows that failed for a transient reason are tried again, up to
+    ``cfg.transient_passes`` more passes; their rejects say how many passes they had.
+    """
     for name in ("key", "url"):
         if name not in urls.column_names:
             raise ValueError(f"download_shard: the URL table has no '{name}' column (it has {urls.column_names})")
@@ -204,7 +234,6 @@ def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig) -> StepR
         raise ValueError("download_shard: keys must be unique and not null")
     url_values = urls["url"].to_pylist()
     fetchable = [i for i, url in enumerate(url_values) if is_fetchable(url)]
-    row_of_key = {key: i for i, key in enumerate(keys)}
 
     kept_rows: list[tuple] = []  # (input row, image, width, height, original_width, original_height, sha256)
     reject_rows: list[tuple[int, str, str]] = [  # (input row, reason, detail)
@@ -212,28 +241,17 @@ def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig) -> StepR
         for i in sorted(set(range(len(keys))) - set(fetchable))
     ]
     if fetchable:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix="img2dataset-", dir=work_dir))
-        try:
-            url_list = scratch / "urls.parquet"
-            to_send = urls.take(fetchable)
-            pq.write_table(pa.table({KEY_COLUMN: to_send["key"], "url": to_send["url"]}), url_list)
-            output = scratch / "output"
-            run_img2dataset(_img2dataset_arguments(url_list, output, len(fetchable), cfg))
-            # img2dataset names the image column after its encode_format (with no re-encoding: "jpg", original bytes)
-            image_column = "jpg" if cfg.encode_format == "original" else cfg.encode_format
-            recorded = set()
-            for record in _read_records(output).to_pylist():
-                row = row_of_key.get(record[KEY_COLUMN])
-                if row is None or row in recorded:
-                    raise RuntimeError(f"img2dataset returned an unexpected or repeated key {record[KEY_COLUMN]!r}")
-                recorded.add(row)
-                outcome = sample_outcome(record, image_column)
-                (kept_rows if outcome[0] == "kept" else reject_rows).append((row, *outcome[1:]))
-            for row in sorted(set(fetchable) - recorded):
-                reject_rows.append((row, "not_recorded", "img2dataset wrote no record for this sample (see its log)"))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        outcomes = _fetch(urls, fetchable, Path(work_dir), cfg)
+        for attempt in range(2, cfg.transient_passes + 2):
+            again = [row for row, (status, *rest) in outcomes.items() if status == "rejected" and rest[0] in TRANSIENT_REASONS]
+            if not again:
+                break
+            for row, outcome in _fetch(urls, again, Path(work_dir), cfg).items():
+                if outcome[0] == "rejected":
+                    outcome = (*outcome[:2], f"{outcome[2] or outcome[1]} (pass {attempt} of {cfg.transient_passes + 1})")
+                outcomes[row] = outcome
+        for row, outcome in outcomes.items():
+            (kept_rows if outcome[0] == "kept" else reject_rows).append((row, *outcome[1:]))
 
     result = StepResult(kept=_kept_table(urls, kept_rows), rejects=_rejects_table(urls, reject_rows))
     check_accounting(keys, result, "download")

@@ -5,7 +5,8 @@
 
 Routes: /404, /500, /slow (answers after ``slow_seconds``), /redirect (302 to /valid.png), /valid.png,
 /valid.jpg, /png-as-text (a valid PNG served as text/plain), /html-as-jpeg, /empty (zero-byte image/jpeg),
-/random (random bytes as image/jpeg), plus whatever ``add`` registers.
+/random (random bytes as image/jpeg), /flaky (503 Service Unavailable to its first request, /valid.png's
+answer after), plus whatever ``add`` registers.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class FaultServer:
         self._add_response("/404", 404, b"not found", "text/plain")
         self._add_response("/500", 500, b"server error", "text/plain")
         self._add_response("/redirect", 302, b"", "text/plain", {"Location": "/valid.png"})
+        self._flaky_requests = 0
+        self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -81,6 +84,12 @@ class FaultServer:
                 if self.path == "/slow":
                     time.sleep(fault_server.slow_seconds)
                     status, body, content_type, headers = 200, VALID_PNG, "image/png", {}
+                elif self.path == "/flaky":
+                    with fault_server._lock:
+                        fault_server._flaky_requests += 1
+                        first = fault_server._flaky_requests == 1
+                    status, body, content_type, headers = (503, b"try later", "text/plain", {}) if first else (
+                        200, VALID_PNG, "image/png", {})
                 else:
                     status, body, content_type, headers = fault_server._bodies.get(
                         self.path, (404, b"no such route", "text/plain", {})

@@ -36,6 +36,7 @@ ROUTES = {
     "/html-as-jpeg": ("rejected", "decode_error"),
     "/empty": ("rejected", "empty_body"),
     "/random": ("rejected", "decode_error"),
+    "/flaky": ("kept", VALID_PNG, VALID_PNG_SIZE),  # its 503 is tried again in the second pass
 }
 NOT_SENT = {"ftp://example.com/a.png": "invalid_url", "": "invalid_url", None: "invalid_url"}
 
@@ -85,6 +86,19 @@ def test_each_fault_gets_its_reason(downloaded):
     assert set(result.rejects["stage"].to_pylist()) == {"download"}
     details = dict(zip(result.rejects["reason"].to_pylist(), result.rejects["detail"].to_pylist()))
     assert "404" in details["http_404"]
+
+
+def test_transient_failures_get_a_second_pass_that_their_rejects_record(downloaded, tmp_path):
+    _, result, _ = downloaded
+    details = dict(zip(result.rejects["reason"].to_pylist(), result.rejects["detail"].to_pylist()))
+    assert details["timeout"].endswith("(pass 2 of 2)")
+    assert "pass" not in details["http_404"]  # final at once: not tried again
+    with FaultServer() as server:
+        urls = pa.table({"key": ["a", "b"], "url": [server.url("/flaky"), server.url("/404")]})
+        once = download_shard(urls, tmp_path, DownloadConfig(processes=1, threads=2, timeout=TIMEOUT, transient_passes=0))
+    assert once.kept.num_rows == 0
+    assert dict(zip(once.rejects["key"].to_pylist(), once.rejects["reason"].to_pylist())) == {
+        "a": "http_503", "b": "http_404"}
 
 
 def test_valid_images_keep_original_bytes_sizes_and_hash(downloaded):
