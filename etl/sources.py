@@ -7,6 +7,9 @@ img2dataset sample keeps its own key (``<source>-<img2dataset key>``).
 
 from __future__ import annotations
 
+import io
+import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +21,8 @@ from etl.config import PipelineConfig, SourceConfig
 from etl.download import img2dataset_shards, img2dataset_url_rows
 from etl.schema import OPTIONAL_FLOAT_COLUMNS, URLS, conform
 from etl.storage import CorruptShardError, read_parquet, write_parquet_atomic
+
+log = logging.getLogger(__name__)
 
 
 def _read_raw(source: SourceConfig) -> tuple[pa.Table, list[str]]:
@@ -33,19 +38,57 @@ def _read_raw(source: SourceConfig) -> tuple[pa.Table, list[str]]:
             return pq.read_table(path, columns=[name for name in dict.fromkeys(wanted) if name in present]), present
         if path.stat().st_size == 0:
             return pa.table({}), []
-        # CC12M captions hold quote characters freely: quoting would swallow tabs and newlines.
-        names = None if source.header else list(dict.fromkeys([source.url_col, source.caption_col, *source.extra_cols]))
-        table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=names),
-            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
-            convert_options=pacsv.ConvertOptions(
-                column_types={source.url_col: pa.string(), source.caption_col: pa.string()}
-            ),
-        )
+        table = _read_tsv(path, source)
         return table, table.column_names
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
         raise ValueError(f"source '{source.name}': cannot read {source.kind} file {path}: {err}") from err
+
+
+def _headerless_columns(source: SourceConfig) -> list[str] | None:
+    """The column names of a TSV without a header row: the configured ones, in order."""
+    return None if source.header else list(dict.fromkeys([source.url_col, source.caption_col, *source.extra_cols]))
+
+
+def _tsv_options(source: SourceConfig, malformed: list | None = None) -> dict:
+    return {
+        "read_options": pacsv.ReadOptions(column_names=_headerless_columns(source)),
+        # CC12M captions hold quote characters freely: quoting would swallow tabs and newlines.
+        "parse_options": pacsv.ParseOptions(
+            delimiter="\t", quote_char=False,
+            invalid_row_handler=None if malformed is None else lambda row: malformed.append(row) or "skip"),
+        "convert_options": pacsv.ConvertOptions(
+            column_types={source.url_col: pa.string(), source.caption_col: pa.string()}),
+    }
+
+
+def _read_tsv(path: Path, source: SourceConfig) -> pa.Table:
+    """The TSV as a table with a row for every non-empty line, in order, so that row keys stay put.
+
+    A line with more tabs than columns has a tab inside its caption: the fields around the caption column
+    keep their places and the surplus joins the caption, with spaces. A line with fewer gets empty fields.
+    pyarrow's fast reader finds those lines; only a file holding any is read again, line by line, to
+    repair them where they stand.
+    """
+    malformed: list = []
+    table = pacsv.read_csv(path, **_tsv_options(source, malformed))
+    if not malformed:
+        return table
+    # Line breaks as pyarrow's reader sees them: \n, \r\n or \r, not str.splitlines' \u2028 and others.
+    lines = [line for line in re.split(r"\r\n|\n|\r", path.read_bytes().decode("utf-8-sig")) if line]
+    names = lines[0].split("\t") if source.header else _headerless_columns(source)
+    if source.caption_col not in names:
+        return table  # read_url_list names the missing column
+    caption, after = names.index(source.caption_col), len(names) - names.index(source.caption_col) - 1
+    repaired = []
+    for line in lines:
+        fields = line.split("\t")
+        if len(fields) > len(names):
+            fields = [*fields[:caption], " ".join(fields[caption:len(fields) - after]), *fields[len(fields) - after:]]
+        repaired.append("\t".join(fields + [""] * (len(names) - len(fields))))
+    log.warning("source '%s': %d lines of %s do not have its %d columns; repaired (a tab too many joined into "
+                "the caption, missing fields empty), e.g. %r", source.name, len(malformed), path, len(names),
+                malformed[0].text[:200])
+    return pacsv.read_csv(io.BytesIO("\n".join(repaired).encode("utf-8")), **_tsv_options(source))
 
 
 def read_url_list(source: SourceConfig) -> pa.Table:

@@ -73,6 +73,25 @@ def test_cc12m_tsv_without_a_header_row_as_cc12m_ships(tmp_path):
     assert table["caption"].to_pylist() == ['a "dog"', "a cat <PERSON>"]
 
 
+def test_cc12m_lines_with_a_tab_too_many_or_too_few_are_repaired_in_place(tmp_path, caplog):
+    path = tmp_path / "cc12m.tsv"
+    path.write_bytes("http://a.com/1.jpg\ta dog\r\n"
+                     "http://a.com/2.jpg\ta cat\tasleep\ton a mat\n"
+                     "\n"
+                     "http://a.com/3.jpg\n"
+                     "http://a.com/4.jpg\ttwo\u2028lines\n".encode())
+    table = read_url_list(SourceConfig(name="cc12m", path=path, kind="cc12m_tsv", header=False))
+    assert table["url"].to_pylist() == [f"http://a.com/{i}.jpg" for i in range(1, 5)]
+    assert table["caption"].to_pylist() == ["a dog", "a cat asleep on a mat", "", "two\u2028lines"]
+    assert "2 lines" in caplog.text and "asleep" in caplog.text
+
+    with_header = tmp_path / "header.tsv"
+    with_header.write_text("url\tcaption\tpunsafe\nhttp://b/1.jpg\tx\t0.5\nhttp://b/2.jpg\ty\tz\t0.25\n")
+    table = read_url_list(SourceConfig(name="h", path=with_header, kind="cc12m_tsv", extra_cols=["punsafe"]))
+    assert table["caption"].to_pylist() == ["x", "y z"]
+    assert table["punsafe"].to_pylist() == [0.5, 0.25]
+
+
 def test_missing_column_names_column_file_and_available(tmp_path):
     path = laion_parquet(tmp_path / "laion.parquet", 2)
     source = SourceConfig(name="laion", path=path, url_col="URL", caption_col="caption")
