@@ -11,7 +11,6 @@ import base64
 import hashlib
 import io
 import json
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -231,13 +230,12 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
         shard, layout, cfg = context.partition_key, pipeline.layout, pipeline.config
         table, filtered_version = read_parquet_versioned(layout.filtered(shard))
         start = time.perf_counter()
-        work = layout.work("recaption", shard)
+        work = layout.work("recaption", shard)  # kept: its captions serve the next run over these rows
         with on_a_free_gpu(cfg.recaption) as captioning:  # the pool runs one recaption step per GPU
             result = recaption_shard(table, captioning, work)  # loads the models only if rows are left
         check_accounting(table["key"], result, "recaption")
         out, rejects = layout.recaptioned(shard), layout.rejects("recaption", shard)
         write_step(result, out, rejects)
-        shutil.rmtree(work, ignore_errors=True)
         metadata = step_metadata(result, table.num_rows, time.perf_counter() - start, out)
         metadata.update(result.stats.as_metadata())
         metadata["backend"] = cfg.recaption.backend

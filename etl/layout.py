@@ -39,5 +39,6 @@ class DataLayout:
         return self.root / "rejects" / stage / f"{shard}.parquet"
 
     def work(self, stage: str, shard: str) -> Path:
-        """Scratch space of one stage for one shard (resume chunks, img2dataset output); removed when done."""
+        """Work space of one stage for one shard: img2dataset's output, removed when done; the recaption
+        chunks, kept (text only), so that no image is captioned twice by the same setup."""
         return self.root / "work" / stage / shard

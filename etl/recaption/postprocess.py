@@ -11,6 +11,10 @@ import itertools
 import re
 from typing import NamedTuple
 
+# Finished rows hold captions cleaned and judged by these rules, and are reused by later runs (resume.py):
+# bump this when a change to them would clean or judge a caption differently, and they are made again.
+RULES_VERSION = 1
+
 # The reference run's list of boiler-plate openings and what replaces each. Both capitalisations are
 # matched (see _OPENINGS): models start lower-case after an unusual chat template.
 BOILERPLATE_OPENINGS = [

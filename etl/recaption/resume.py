@@ -1,10 +1,13 @@
-"""Finished recaption rows persisted in chunks, so a killed run resumes where it stopped.
+"""Finished recaption rows persisted in chunks, so a killed run resumes where it stopped, and kept after
+the shard is done, so that no image is captioned twice by the same setup.
 
 Each chunk is one parquet file written atomically (etl.storage), holding only the key, a fingerprint of
 the row's input (image and alt text) and the outcome of each finished row; the images stay in the input
 shard. A chunk is either fully there or absent, so a re-run after a SIGKILL loses at most the chunk in
 progress and never duplicates a row. A finished row counts only while its key and fingerprint both
 match the shard: keys are row positions in a source, so a rebuilt shard may give a key another image.
+Rows whose key has left the shard (a stricter filter, a new duplicate elsewhere) are kept: they are
+reused if it comes back.
 """
 
 from __future__ import annotations
@@ -95,8 +98,17 @@ class ResumeChunks:
         return pa.concat_tables(tables) if tables else OUTCOMES.empty_table()
 
     def append(self, outcomes: pa.Table) -> Path:
-        index = len(self.paths())
+        paths = self.paths()
+        index = int(paths[-1].stem.removeprefix("chunk-")) + 1 if paths else 0
         return write_parquet_atomic(outcomes.cast(OUTCOMES), self.work_dir / f"chunk-{index:06d}.parquet")
+
+    def compact(self, outcomes: pa.Table) -> None:
+        """Replace every chunk by one holding ``outcomes``. The new chunk is in place before an old one
+        goes: a crash in between leaves rows twice, with the same outcome, never none."""
+        older = self.paths()
+        self.append(outcomes)
+        for path in older:
+            path.unlink()
 
     @staticmethod
     def _write_manifest(path: Path, setup: dict) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from etl.config import RecaptionConfig, to_mapping
 from etl.recaption.backends import AltTextCaptioner, Captioner, get_captioner
-from etl.recaption.postprocess import Verdict, clean_alt_text, judge_detailed, judge_short, word_count
+from etl.recaption.postprocess import RULES_VERSION, Verdict, clean_alt_text, judge_detailed, judge_short, word_count
 from etl.images import decode, open_image, to_rgb
 from etl.recaption.resume import OUTCOMES, ResumeChunks, claimed, input_fingerprints
 from etl.schema import StepResult, make_rejects
@@ -163,7 +163,7 @@ def _judged(raw: list[str | Exception], judge: Callable[[list[str]], list[Verdic
 
 
 def _setup(cfg: RecaptionConfig) -> dict:
-    return {k: v for k, v in to_mapping(cfg).items() if k not in _RUNTIME_ONLY}
+    return {**{k: v for k, v in to_mapping(cfg).items() if k not in _RUNTIME_ONLY}, "rules": RULES_VERSION}
 
 
 def recaption_shard(
@@ -175,8 +175,9 @@ def recaption_shard(
 ) -> RecaptionResult:
     """Recaption a CANONICAL shard; finished rows are persisted in ``work_dir`` so a re-run resumes.
 
-    ``progress(rows_finished, rows_total)`` is called after each chunk. The caller writes the returned
-    shard atomically and then deletes ``work_dir``.
+    ``progress(rows_finished, rows_total)`` is called after each chunk. ``work_dir`` is left with one
+    chunk of every row finished: a later run over the same rows (a crash before the result was recorded,
+    a changed filter upstream) captions only the rows it lacks.
     """
     missing = {"key", "url", "caption", "image"} - set(table.column_names)
     if missing:
@@ -195,14 +196,13 @@ def _recaption_claimed(table: pa.Table, keys: list[str], cfg: RecaptionConfig, w
     chunks = ResumeChunks(work_dir, _setup(cfg))
     fingerprints = dict(zip(keys, input_fingerprints(table), strict=True))
     earlier = chunks.finished()
-    done = {key for key, fingerprint in zip(earlier["key"].to_pylist(), earlier["input"].to_pylist())
-            if fingerprints.get(key) == fingerprint}
-    stale = earlier.num_rows - len(done)
-    if stale:
-        # The filtered shard changed since: rows gone (a new duplicate elsewhere, a stricter filter) or, under
-        # the same key, another image or alt text (a rebuilt source). Those are captioned afresh.
-        log.warning("recaption: %d finished rows in %s no longer match the shard (gone or changed); not reused",
-                    stale, work_dir)
+    earlier_rows = list(zip(earlier["key"].to_pylist(), earlier["input"].to_pylist()))
+    done = {key for key, fingerprint in earlier_rows if fingerprints.get(key) == fingerprint}
+    changed = {key for key, fingerprint in earlier_rows if key in fingerprints and fingerprints[key] != fingerprint}
+    if changed:
+        # Keys are row positions in a source: a rebuilt source may give a key another image or alt text.
+        log.warning("recaption: %d finished rows in %s hold another image or alt text now; captioned afresh",
+                    len(changed - done), work_dir)
 
     todo = [i for i, key in enumerate(keys) if key not in done]
     started = time.perf_counter()
@@ -217,7 +217,20 @@ def _recaption_claimed(table: pa.Table, keys: list[str], cfg: RecaptionConfig, w
                 progress(len(done) + min(start + cfg.chunk_rows, len(todo)), len(keys))
     seconds = time.perf_counter() - started
 
-    return _assemble(table, chunks.finished(), fingerprints, resumed=len(done), seconds=seconds, ran=len(todo))
+    outcomes = _current_outcomes(chunks.finished(), fingerprints)
+    if len(chunks.paths()) > 1 or outcomes.num_rows < earlier.num_rows + len(todo):
+        chunks.compact(outcomes)  # one file per shard, and the rows made for another image or alt text gone
+    return _assemble(table, outcomes, fingerprints, resumed=len(done), seconds=seconds, ran=len(todo))
+
+
+def _current_outcomes(finished: pa.Table, fingerprints: dict[str, str]) -> pa.Table:
+    """One row per key: the last one made for the shard's image and alt text; a key the shard no longer has
+    keeps its last row."""
+    last: dict[str, int] = {}
+    for row, (key, fingerprint) in enumerate(zip(finished["key"].to_pylist(), finished["input"].to_pylist())):
+        if fingerprints.get(key, fingerprint) == fingerprint:
+            last[key] = row
+    return finished.take(pa.array(sorted(last.values()), pa.int64()))
 
 
 def _assemble(table: pa.Table, outcomes: pa.Table, fingerprints: dict[str, str], resumed: int, seconds: float,

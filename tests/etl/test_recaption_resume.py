@@ -97,7 +97,7 @@ def test_a_sigkilled_run_resumes_without_lost_or_duplicated_rows(cfg, tmp_path):
         captioned = row["reason"] is None
         expected = (row["recaption"], row["recaption_short"]) if captioned else (row["reason"], row["detail"])
         assert outcomes[row["key"]] == expected, "finished rows are read back, not recomputed"
-    assert len(list(work.glob("chunk-*.parquet"))) == ROWS // cfg.chunk_rows
+    assert len(list(work.glob("chunk-*.parquet"))) == 1, "compacted once the shard is done"
 
     # Greedy decoding is deterministic: the interrupted shard equals an uninterrupted one.
     fresh = recaption_shard(table, cfg, tmp_path / "fresh")
@@ -115,10 +115,34 @@ def test_a_finished_work_dir_needs_no_model(tmp_path):
     assert again.stats.resumed == 6 and again.stats.captioned == first.stats.captioned
 
 
+def test_a_done_shard_keeps_one_chunk_and_rows_that_left_it_come_back_captioned(tmp_path):
+    table, work = _shard(6), tmp_path / "work"
+    first = recaption_shard(table, RecaptionConfig(chunk_rows=2), work)
+    assert [p.name for p in work.glob("chunk-*.parquet")] == ["chunk-000003.parquet"]
+    assert read_parquet(work / "chunk-000003.parquet").num_rows == 6
+    # A stricter filter upstream drops two rows; relaxed again, they come back: no row is captioned twice.
+    recaption_shard(table.slice(2), RecaptionConfig(chunk_rows=2), work, captioner=object())
+    again = recaption_shard(table, RecaptionConfig(chunk_rows=2), work, captioner=object())
+    assert again.kept.equals(first.kept) and again.rejects.equals(first.rejects)
+    assert again.stats.resumed == 6
+
+
+def test_a_crash_inside_compaction_loses_and_repeats_nothing(tmp_path):
+    table, work = _shard(4), tmp_path / "work"
+    first = recaption_shard(table, RecaptionConfig(chunk_rows=2), work)
+    # As if killed after the compacted chunk was written and before the old ones were deleted.
+    compacted = read_parquet(work / "chunk-000002.parquet")
+    write_parquet_atomic(compacted.slice(0, 2), work / "chunk-000000.parquet")
+    write_parquet_atomic(compacted.slice(2, 2), work / "chunk-000001.parquet")
+    again = recaption_shard(table, RecaptionConfig(chunk_rows=2), work, captioner=object())
+    assert again.kept.equals(first.kept) and again.rejects.equals(first.rejects)
+    assert [p.name for p in work.glob("chunk-*.parquet")] == ["chunk-000003.parquet"]
+
+
 def test_chunks_of_another_setup_are_discarded(tmp_path):
     table = _shard(4)
-    recaption_shard(table, RecaptionConfig(chunk_rows=2), tmp_path / "work")
-    assert len(list((tmp_path / "work").glob("chunk-*.parquet"))) == 2
+    recaption_shard(table, RecaptionConfig(chunk_rows=1), tmp_path / "work")
+    assert len(list((tmp_path / "work").glob("chunk-*.parquet"))) == 1
     (tmp_path / "work" / ".chunk-000002.parquet.abc.tmp").write_bytes(b"half-written")
     chunks = ResumeChunks(tmp_path / "work", {"backend": "transformers"})
     assert chunks.paths() == [] and chunks.finished().num_rows == 0

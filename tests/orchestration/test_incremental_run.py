@@ -122,5 +122,18 @@ def test_rerun_skips_what_is_up_to_date_and_runs_what_changed(tmp_path, monkeypa
         assert {f: d for f, (_, d) in after.items()} == {f: d for f, (_, d) in before.items()}
         assert any(after[f][0] != before[f][0] for f in after if f.startswith("buckets/"))
 
+        # Captioning forced again (as after a crash that wrote the shard but recorded nothing): every row's
+        # caption is read back from the shard's kept work folder, none is made again.
+        ran, _ = run("recaptioned", force=["recaptioned"], filter={"max_pwatermark": 0.9})
+        assert ran["recaptioned"] == set(shards) | {new}
+        with dg.DagsterInstance.get() as instance:
+            for shard in ran["recaptioned"]:
+                records = instance.fetch_materializations(
+                    dg.AssetRecordsFilter(asset_key=dg.AssetKey("recaptioned"), asset_partitions=[shard]), limit=1)
+                metadata = records.records[0].asset_materialization.metadata
+                assert metadata["rows_resumed"].value == metadata["rows_in"].value > 0, shard
+        assert {f: d for f, (_, d) in outputs(root).items() if f.startswith("recaptioned/")} == {
+            f: d for f, (_, d) in after.items() if f.startswith("recaptioned/")}
+
     with pytest.raises(ValueError, match="no stage named"):
         run("typo", force=["bucketted"])
