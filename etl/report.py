@@ -39,7 +39,8 @@ def _keys(paths) -> pl.DataFrame:
     paths = [str(p) for p in paths]
     if not paths:
         return pl.DataFrame({"key": []}, schema={"key": pl.String})
-    return pl.scan_parquet(paths).select("key").collect()
+    # One scan per file: sources with other extra columns give shards of other schemas.
+    return pl.concat([pl.scan_parquet(path).select("key") for path in paths]).collect()
 
 
 def pipeline_report(layout: DataLayout, resolutions: list[int]) -> PipelineReport:

@@ -43,3 +43,14 @@ def test_rejects_of_shards_and_resolutions_no_longer_made_leave_the_books(tmp_pa
     report = pipeline_report(layout, [256])
     assert report.balanced, report.table()
     assert report.rejects == {("download", "invalid_url"): 4}
+
+
+def test_shards_of_sources_with_other_extra_columns_are_counted_together(tmp_path):
+    layout = DataLayout(tmp_path)
+    for shard, extra in (("laion-00000", {"aesthetic": [6.5]}), ("cc-00000", {})):
+        key = f"{shard[:-6]}-000000000"
+        table = pa.table({"key": [key], "url": [f"http://x/{key}"], **extra})
+        write_parquet_atomic(conform(table, URLS), layout.urls(shard))  # extras carried, as read_url_list's
+        write_parquet_atomic(table.select(["key", *extra]), layout.bucketed(256, shard))
+    report = pipeline_report(layout, [256])
+    assert report.balanced and report.input_rows == 2 and report.kept == {256: 2}, report.table()
