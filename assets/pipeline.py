@@ -46,7 +46,7 @@ SHARD_STAGES = ("downloaded", "filtered", "recaptioned", "bucketed")
 
 
 def stage_code_versions(config: PipelineConfig) -> dict[str, str]:
-    """Each per-shard stage's code version: CODE_VERSION and a digest of the settings its output depends on.
+    """Each data stage's code version: CODE_VERSION and a digest of the settings its output depends on.
 
     A changed setting makes that stage's outputs stale, in the UI and for `sd3 data run`. Settings that only
     change speed or where work runs (processes, threads, timeouts, batch sizes, devices) are left out, so
@@ -59,6 +59,8 @@ def stage_code_versions(config: PipelineConfig) -> dict[str, str]:
     settings = {
         "downloaded": {"encode_format": download.encode_format,
                        "disallowed_header_directives": download.disallowed_header_directives},
+        # The winners are chosen among the rows that pass the thresholds: other thresholds, other winners.
+        "content_hashes": {"max_punsafe": filters.max_punsafe, "max_pwatermark": filters.max_pwatermark},
         "filtered": {"min_side": filters.min_side, "max_punsafe": filters.max_punsafe,
                      "max_pwatermark": filters.max_pwatermark, "dedup": filters.dedup,
                      "smallest_resolution": min(buckets.resolutions), "multiple": buckets.multiple},
@@ -174,7 +176,7 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
         metadata.update(provenance(download_inputs(urls_version, imported), out, rejects))
         return dg.MaterializeResult(metadata=metadata, data_version=file_version(out))
 
-    @dg.asset(group_name=GROUP, code_version=CODE_VERSION, deps=[downloaded], kinds={"parquet"})
+    @dg.asset(group_name=GROUP, code_version=versions["content_hashes"], deps=[downloaded], kinds={"parquet"})
     def content_hashes(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
         """For each image content hash over the whole dataset, the one row that keeps it (smallest key).
 

@@ -49,3 +49,16 @@ def test_two_roots_on_one_instance_never_share_a_stage_version(tmp_path):
     first, second = (stage_code_versions(PipelineConfig(root=tmp_path / name, sources=[])) for name in ("a", "b"))
     assert first.keys() == second.keys() and all(first[stage] != second[stage] for stage in first)
     assert stage_code_versions(PipelineConfig(root=tmp_path / "a", sources=[])) == first
+
+
+def test_the_dedup_winners_go_stale_with_the_thresholds_they_were_chosen_under(tmp_path):
+    # The winners are picked among rows under max_punsafe: filtering with new thresholds against old
+    # winners would reject the new winner as punsafe and its copy as its duplicate, keeping neither.
+    from assets.pipeline import stage_code_versions
+    from etl.config import FilterConfig, PipelineConfig
+
+    def versions(**filters):
+        return stage_code_versions(PipelineConfig(root=tmp_path, sources=[], filter=FilterConfig(**filters)))
+
+    assert versions(max_punsafe=0.2)["content_hashes"] != versions()["content_hashes"]
+    assert versions(min_side=128)["content_hashes"] == versions()["content_hashes"]
