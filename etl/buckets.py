@@ -53,7 +53,7 @@ def bucket_size(height: int, width: int, resolution: int, multiple: int = 16) ->
     for side in (height, width):
         target = side * scale  # exact, so a side exactly at a multiple never rounds the wrong way
         nearest = floor(target / multiple + Fraction(1, 2)) * multiple
-        if nearest > side or nearest > resolution:
+        if nearest > side or nearest > resolution:  # never upscaled: a few stretched pixels are blur to learn
             nearest = floor(target / multiple) * multiple
         if nearest == 0:
             return None
