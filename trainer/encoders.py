@@ -97,8 +97,9 @@ def register_preset(name: str, **settings) -> None:
 
 # The demo: the tiny text encoders (fixed random embeddings are enough to learn its captions) with a small
 # VAE trained on the demo domain by scripts/train_demo_vae.py, shipped as package data.
-DEMO_VAE_DIR = Path(__file__).resolve().parent / "assets" / "demo_vae"
-register_preset("demo", vae=str(DEMO_VAE_DIR), gemma=TINY, bert=TINY, clip=TINY, text_len=77, text_dim=64)
+# Checkpoints record it by this name, not by its path, so they sample from any checkout or install.
+DEMO_VAE, DEMO_VAE_DIR = "demo-vae", Path(__file__).resolve().parent / "assets" / "demo_vae"
+register_preset("demo", vae=DEMO_VAE, gemma=TINY, bert=TINY, clip=TINY, text_len=77, text_dim=64)
 
 
 # --- the tiny components: small configs, random weights ----------------------------------------------
@@ -200,7 +201,7 @@ def load_vae(config: EncodersConfig, dtype: torch.dtype = torch.float32) -> Auto
     from diffusers import AutoencoderKL
 
     return _from_pretrained(
-        "vae", config.vae,
+        "vae", str(DEMO_VAE_DIR) if config.vae == DEMO_VAE else config.vae,
         # low_cpu_mem_usage=False: no warning about accelerate on every load (see trainer.checkpoint.load_model)
         lambda src, token: AutoencoderKL.from_pretrained(src, subfolder=config.vae_subfolder, torch_dtype=dtype,
                                                          token=token, low_cpu_mem_usage=False),

@@ -51,6 +51,7 @@ def run(args) -> int:
     from trainer.checkpoint import CheckpointNotFoundError, resolve_checkpoint, write_text_atomic
     from trainer.evaluation import Evaluator, GenerationSettings, read_prompts
     from trainer.pipeline import Pipeline, check_size
+    from trainer.sampling import check_sampling
 
     settings = GenerationSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=args.width,
                                   height=args.height, seed=args.seed, batch_size=args.batch_size, shift=args.shift)
@@ -58,8 +59,9 @@ def run(args) -> int:
         # Settings first, then the feature networks, then the generator: a bad flag fails in seconds.
         device, dtype = pick_device(args.device, args.dtype)
         check_size(args.width, args.height, 16)
-        if args.steps < 1 or args.batch_size < 1:
-            raise ValueError("--steps and --batch-size must be positive")
+        check_sampling(args.steps, args.sampler, args.shift)
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be positive")
         step_dir = resolve_checkpoint(args.checkpoint)
         evaluator = Evaluator(read_prompts(args.prompts, "--prompts"), args.reference, inception=args.inception,
                               clip=args.clip, settings=settings, device=device, reference_images=args.reference_images)

@@ -20,7 +20,7 @@ from PIL import Image
 from trainer.checkpoint import load_encoders_config, load_model, resolve_checkpoint
 from trainer.encoders import Encoders
 from trainer.model import MMDiT
-from trainer.sampling import SAMPLERS, cfg_velocity, sample
+from trainer.sampling import cfg_velocity, check_sampling, sample
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ class Pipeline:
         check_size(width, height, self.size_multiple)
         if not prompts or batch_size < 1:
             raise ValueError("give at least one prompt and a batch_size of at least 1")
-        if sampler not in SAMPLERS:  # before minutes of text encoding, not after
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        check_sampling(steps, sampler, shift)  # before minutes of text encoding, not after
         max_res = self.model.config.max_res
         if max(width, height) > 2 * max_res:
             log.warning("sampling %dx%d, over twice the model's max_res of %d px: a model asked for images far larger "

@@ -86,14 +86,18 @@ def run(args) -> int:
     from etl.storage import write_atomic
     from trainer.checkpoint import CheckpointNotFoundError
     from trainer.pipeline import Pipeline, check_size
+    from trainer.sampling import check_sampling
 
     try:
         device, dtype = pick_device(args.device, args.dtype)
-        # Fail on a bad size before spending minutes loading a 2B text encoder.
+        # Fail on a bad setting before spending minutes loading a 2B text encoder.
         check_size(args.width, args.height, 16)
+        check_sampling(args.steps, args.sampler, args.shift)
         out_format = _image_format(args.out, "--out")
-        if args.steps < 1 or args.batch_size < 1 or args.gif_fps <= 0:
-            raise ValueError("--steps, --batch-size and --gif-fps must be positive")
+        if args.gif is not None and _image_format(args.gif, "--gif") != "GIF":
+            raise ValueError(f"--gif {args.gif}: the trajectory is a GIF; name it .gif")
+        if args.batch_size < 1 or args.gif_fps <= 0:
+            raise ValueError("--batch-size and --gif-fps must be positive")
         pipeline = Pipeline.from_checkpoint(args.checkpoint, device=device, dtype=dtype, prefer_ema=not args.no_ema)
         result = pipeline.generate(
             args.prompt, steps=args.steps, cfg=args.cfg, sampler=args.sampler, width=args.width,

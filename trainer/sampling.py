@@ -66,15 +66,22 @@ def heun(velocity_fn: VelocityFn, x: torch.Tensor, times: list[float], generator
 SAMPLERS = {"euler": euler, "euler_stochastic": euler_stochastic, "heun": heun}
 
 
+def check_sampling(steps: int, sampler: str, shift: float) -> None:
+    """Raises ValueError on settings ``sample`` refuses: callers check before minutes of text encoding."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not shift > 0:
+        raise ValueError(f"timestep shift must be > 0, got {shift}")
+
+
 @torch.no_grad()
 def sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int, sampler: str = "euler",
            generator: torch.Generator | None = None, shift: float = 1.0, callback: Callback | None = None) -> torch.Tensor:
     """Integrate from `noise` at t = 1 to t = 0 in `steps` steps; returns x0. `generator` (on noise's
     device) drives euler_stochastic's noise; `callback(x)` receives every intermediate x."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_sampling(steps, sampler, shift)
     # Python floats: stepping never waits on the device to read a time back
     times = shift_t(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).tolist()
     return SAMPLERS[sampler](velocity_fn, noise, times, generator, callback)

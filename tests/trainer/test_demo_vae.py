@@ -15,7 +15,7 @@ from etl.buckets import resize_to_bucket
 from etl.demo_source import make_demo_source
 from etl.storage import read_parquet
 from trainer.demo_check import score_images
-from trainer.encoders import DEMO_VAE_DIR, Encoders, EncodersConfig
+from trainer.encoders import DEMO_VAE, DEMO_VAE_DIR, Encoders, EncodersConfig
 
 REPO = Path(__file__).resolve().parents[2]
 RESOLUTION = 128
@@ -79,7 +79,7 @@ def reconstruction_psnrs(encoders: Encoders, latents: list[torch.Tensor], images
 
 
 def test_demo_preset_loads_the_shipped_small_vae(demo):
-    assert EncodersConfig(preset="demo").vae == str(DEMO_VAE_DIR)
+    assert EncodersConfig(preset="demo").vae == DEMO_VAE  # a name: checkpoints record no checkout's path
     weights = DEMO_VAE_DIR / "diffusion_pytorch_model.safetensors"
     assert weights.stat().st_size < 10_000_000
     assert demo.latent_channels == 16 and demo.downsampling == 8

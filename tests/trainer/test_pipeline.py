@@ -97,10 +97,14 @@ def test_every_sampler_runs(pipeline, sampler):
     assert image.size == (32, 48)
 
 
-def test_an_unknown_sampler_is_refused_before_any_text_is_encoded(pipeline, monkeypatch):
+def test_bad_sampling_settings_are_refused_before_any_text_is_encoded(pipeline, monkeypatch):
     monkeypatch.setattr(pipeline.encoders, "encode_text", lambda prompts: pytest.fail("encoded the text"))
     with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
         pipeline.generate("a blue square", sampler="dpm")
+    with pytest.raises(ValueError, match="timestep shift must be > 0, got 0"):
+        pipeline.generate("a blue square", shift=0.0)
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        pipeline.generate("a blue square", steps=0)
 
 
 def test_trajectory_has_one_frame_per_step_ending_at_the_image(pipeline):
@@ -143,6 +147,12 @@ def test_cli_rejects_bad_input_before_loading(tmp_path, capsys):
         assert "--device cuda: this machine has no usable CUDA device" in capsys.readouterr().err
     assert run_cli("--checkpoint", str(tmp_path), "--prompt", "x", "--device", "gpu", "--out", str(tmp_path / "a.png")) == 1
     assert "--device gpu:" in capsys.readouterr().err
+    # An empty folder is no checkpoint: each of these is refused before the checkpoint is looked at.
+    assert run_cli("--checkpoint", str(tmp_path), "--prompt", "x", "--shift", "0", "--out", str(tmp_path / "a.png")) == 1
+    assert "timestep shift must be > 0" in capsys.readouterr().err
+    assert run_cli("--checkpoint", str(tmp_path), "--prompt", "x", "--gif", str(tmp_path / "t.png"),
+                   "--out", str(tmp_path / "a.png")) == 1
+    assert "the trajectory is a GIF; name it .gif" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
