@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -266,6 +267,9 @@ class Encoders:
             if part is not None:
                 part.to(memory_format=self._encode_format)
         self.tokenizers, self.text_models = {}, {}
+        # A colocated rank's feeder thread and its sampling share one Encoders; HF fast tokenizers set their
+        # padding and truncation on each call and fail ("Already borrowed") when two threads overlap.
+        self._text_lock = threading.Lock()
         for name in TEXT_ENCODERS:
             tokenizer, model = load_text_encoder(name, config, self.dtype)
             self.tokenizers[name], self.text_models[name] = tokenizer, _frozen(model, self.device)
@@ -329,6 +333,10 @@ class Encoders:
         float rounding: padding is masked (right padding; causal encoders never look ahead of a token)."""
         if isinstance(captions, str):
             raise TypeError("encode_text takes a list of captions, not one string")
+        with self._text_lock:
+            return self._encode_text(captions)
+
+    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         self._text_models_to(self.device)
         text = torch.zeros(len(captions), 2 * self.config.text_len, self.config.text_dim, device=self.device,
                            dtype=self.dtype)
@@ -362,7 +370,8 @@ class Encoders:
     def free_text_encoders(self) -> None:
         """Offload the text encoders to CPU so sampling memory is the model and the VAE decoder;
         the next ``encode_text`` brings them back."""
-        self._text_models_to(torch.device("cpu"))
+        with self._text_lock:
+            self._text_models_to(torch.device("cpu"))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

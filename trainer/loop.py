@@ -60,6 +60,8 @@ class ModelRankContext:
     source: object  # BatchReceiver or LocalFeeder: get() -> (batch or None, seconds waited)
     run_config: dict  # the whole TrainConfig as plain values, for wandb
     validation: ValidationSet | None = None  # this rank's share of the held-out batches
+    # A colocated rank's feeder encoders: its samples and evaluations use them rather than a second copy.
+    encoders: object | None = None
 
     @property
     def num_model_ranks(self) -> int:
@@ -190,7 +192,7 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
     drop = CFGDropout(cfg.train.null_prob_pooled, tuple(cfg.train.null_prob_text))
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     accumulation = cfg.train.accumulation_steps
-    pipelines = TrainingPipelines(cfg, device)
+    pipelines = TrainingPipelines(cfg, device, shared=ctx.encoders)
     sampler = _Sampler(cfg, pipelines) if ctx.group_rank == 0 and cfg.log.sample_every else None
     evaluation = TrainingEvaluation(cfg, pipelines) if ctx.group_rank == 0 and cfg.log.eval_every else None
 
@@ -288,10 +290,11 @@ def _checkpoint(cfg, ctx: ModelRankContext, step, loss, model, ema, optimizer, s
 
 class TrainingPipelines:
     """Sampling pipelines around the training model (model-group rank 0); the encoders are loaded on first
-    use, once for the samples and the evaluations."""
+    use, once for the samples and the evaluations, unless a colocated rank's feeder ``shares`` its own.
+    Shared ones stay on the GPU: the feeder thread keeps encoding with them while the rank samples."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.cfg, self.device, self.encoders = cfg, device, None
+    def __init__(self, cfg: TrainConfig, device: torch.device, shared=None):
+        self.cfg, self.device, self.encoders, self.shared = cfg, device, shared, shared is not None
 
     @contextlib.contextmanager
     def around(self, model: MMDiT):
@@ -299,10 +302,11 @@ class TrainingPipelines:
         from trainer.pipeline import Pipeline
 
         if self.encoders is None:
+            log.info("loading the encoders for samples and evaluations")
             self.encoders = Encoders(self.cfg.encoders, device=self.device)
         was_device = next(model.parameters()).device
         try:
-            yield Pipeline(model.to(self.device), self.encoders)
+            yield Pipeline(model.to(self.device), self.encoders, offload_text_encoders=not self.shared)
         finally:
             model.to(was_device)
 

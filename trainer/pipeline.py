@@ -43,7 +43,9 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 class Pipeline:
-    def __init__(self, model: MMDiT, encoders: Encoders):
+    def __init__(self, model: MMDiT, encoders: Encoders, offload_text_encoders: bool = True):
+        """``offload_text_encoders``: move them to the CPU after encoding the prompts (see ``generate``);
+        not for encoders that another thread keeps encoding with."""
         cfg = model.mmdit_config
         expected = {
             "text_len": (cfg.text_len_per_encoder, encoders.config.text_len),
@@ -55,7 +57,7 @@ class Pipeline:
         for what, (model_value, encoders_value) in expected.items():
             if model_value != encoders_value:
                 raise ValueError(f"the model expects {what} {model_value} but the encoders give {encoders_value}")
-        self.model, self.encoders = model, encoders
+        self.model, self.encoders, self.offload_text_encoders = model, encoders, offload_text_encoders
         self.size_multiple = encoders.downsampling * cfg.patch_size
 
     @classmethod
@@ -114,7 +116,8 @@ class Pipeline:
         log.info("sampling with seed %d (prompt i: seed + i)", seed)
 
         text, pooled = self.encoders.encode_text(prompts)
-        self.encoders.free_text_encoders()
+        if self.offload_text_encoders:
+            self.encoders.free_text_encoders()
         dtype = self.model.dtype
         latent_shape = (batch_size, self.encoders.latent_channels, height // self.encoders.downsampling, width // self.encoders.downsampling)
 

@@ -182,12 +182,13 @@ def run(args: argparse.Namespace) -> None:
                    lambda step, snapshot: _save_loader_state(cfg, step, rank, snapshot), sampler_version,
                    validation, shares)
     else:
-        validation_batches = []
+        validation_batches, encoders = [], None
         if topology.colocated:
             feeder = Feeder(cfg, index, 1, rank, world_size, device, feeding, sampler_version)
             if validation is not None:
                 validation_batches = feeder.encode_validation(validation, shares[rank])
             source = LocalFeeder(feeder, cfg.train.total_steps * cfg.train.accumulation_steps, cfg.topology.prefetch)
+            encoders = feeder.encoders
         else:
             source = BatchReceiver(topology.loader_of(rank), cfg.topology.prefetch, device, timeout_s=cfg.topology.timeout_s,
                                    first_timeout_s=cfg.topology.startup_timeout_s)
@@ -199,6 +200,7 @@ def run(args: argparse.Namespace) -> None:
             dataset_version=version, resume=resume, init_from=init_from, source=source, run_config=to_mapping(cfg),
             validation=None if validation is None else validation.validation_set(shares[rank], validation_batches,
                                                                                  cfg.log.val_timesteps),
+            encoders=encoders,
         )
         train_model_rank(cfg, ctx)
     dist.barrier(group=end_group)  # the last checkpoint is written before any rank tears the process group down

@@ -196,3 +196,11 @@ def test_sampling_far_above_max_res_warns(pipeline, caplog):
         assert not [r for r in caplog.records if r.levelno == logging.WARNING]
         pipeline.generate("a red circle", steps=1, width=528, height=16, seed=0)
     assert "sampling 528x16, over twice the model's max_res of 256 px" in caplog.text
+
+
+def test_a_pipeline_over_encoders_another_thread_uses_leaves_them_in_place(pipeline, monkeypatch):
+    # A colocated rank samples with its feeder's encoders, which its feeder thread keeps encoding with.
+    shared = Pipeline(pipeline.model, pipeline.encoders, offload_text_encoders=False)
+    monkeypatch.setattr(pipeline.encoders, "free_text_encoders", lambda: pytest.fail("offloaded shared encoders"))
+    (image,) = shared.generate("a red circle", steps=1, width=32, height=32, seed=0)
+    assert image.size == (32, 32)

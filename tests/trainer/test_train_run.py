@@ -348,6 +348,7 @@ def test_colocated_single_process_run_without_torchrun_samples_while_training(da
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
     assert read_metrics(run_dir)[-1]["val_loss"] > 0  # the colocated rank encoded its own validation batches
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002_0.png", "step_0000002_1.png"]
+    assert "loading the encoders for samples" not in result.stderr  # the samples used the feeder's
 
 
 def test_resume_on_another_topology_hands_over_the_data_position_and_the_training_state(reference_run, data_root,
