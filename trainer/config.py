@@ -127,8 +127,9 @@ class TopologySection:
     colocated: bool = False  # every rank encodes its own data (one GPU, a laptop)
     prefetch: int = 2  # batches a loader keeps in flight per model rank; its receiver queues as many and holds one more
     timeout_s: float = 300.0  # collectives and point-to-point
-    # A model rank's wait for its loader's first batch: the loader first loads its encoders (from the Hub,
-    # the first time) and encodes the validation batches. A loader that fails meanwhile says so at once.
+    # The waits of a start: a model rank's for its loader's first batch (the loader first loads its encoders,
+    # from the Hub the first time, and encodes the validation batches; if it fails it says so at once), and a
+    # loader's for its model ranks to take their first batches (they build the model and compile a step).
     startup_timeout_s: float = 1800.0
 
     def __post_init__(self):

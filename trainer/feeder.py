@@ -19,7 +19,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 
 import pyarrow as pa
 import torch
@@ -30,7 +29,7 @@ from trainer.data import BucketBatches, BucketSampler, to_unit_range
 from trainer.encoders import SEQUENCE_ENCODERS, Encoders
 from trainer.prefetch import Prefetcher
 from trainer.resume import fresh_seed
-from trainer.transport import pack_batch, send_batch, send_end, send_error
+from trainer.transport import SendWaits, pack_batch, send_batch, send_end, send_error
 from trainer.validation import ValidationPlan
 
 log = logging.getLogger(__name__)
@@ -139,32 +138,38 @@ def run_loader(cfg: TrainConfig, models: list[int], replica: int, num_replicas: 
     rank -> batch numbers of ``validation``), then feed them until every optimizer step has its batches, then
     send them the end sentinel. On any error, tell them why (they exit non-zero) and re-raise."""
     total_batches = cfg.train.total_steps * cfg.train.accumulation_steps
-    timeout = timedelta(seconds=cfg.topology.timeout_s)
     in_flight: dict[int, collections.deque] = {rank: collections.deque() for rank in models}
+    # A model rank takes its validation batches and fills its receiver (prefetch queued, one in hand), then
+    # builds its model: the next send waits for that, and the next accumulation_steps ones for its first,
+    # compiled, step. Counting more would slow the detection of a rank stuck in its first steps.
+    validation_batches = max((len(share) for share in (validation_shares or {}).values()), default=0)
+    sends = SendWaits(cfg.topology.timeout_s, cfg.topology.startup_timeout_s,
+                      early=validation_batches + cfg.topology.prefetch + 2 + cfg.train.accumulation_steps)
     try:
         feeder = Feeder(cfg, index, len(models), replica, num_replicas, device, state, data_version)
         if validation is not None:
             for rank in models:
                 for batch in feeder.encode_validation(validation, validation_shares[rank]):
                     part = pack_batch(batch, text_blocks=len(SEQUENCE_ENCODERS))
-                    _wait_sent((send_batch(part, rank), part), rank, timeout)
+                    sends.wait(send_batch(part, rank), rank)
         for parts in feeder.chunks(total_batches, save_state):
             for rank, part in zip(models, parts):
                 part = pack_batch(part, text_blocks=len(SEQUENCE_ENCODERS))  # text without its zero rows
                 pending = in_flight[rank]
                 # A bounded number of sends per model rank: beyond its prefetch depth the loader waits.
                 while len(pending) >= cfg.topology.prefetch:
-                    _wait_sent(pending.popleft(), rank, timeout)
+                    sends.wait(pending.popleft()[0], rank)
+                # The part is kept with its works: its tensors must live until they are sent.
                 pending.append((send_batch(part, rank), part))
         for rank, pending in in_flight.items():
             while pending:
-                _wait_sent(pending.popleft(), rank, timeout)
-            send_end(rank, device=device)
+                sends.wait(pending.popleft()[0], rank)
+            send_end(rank, device=device, timeout_s=cfg.topology.timeout_s)
     except BaseException as err:
         message = f"rank {_rank()}: {type(err).__name__}: {err}"
         for rank in models:
             try:
-                send_error(rank, message, device=device)
+                send_error(rank, message, device=device, timeout_s=cfg.topology.timeout_s)
             except Exception:  # that model rank may be the one that died; the others still hear why
                 log.debug("could not tell rank %d that its loader failed", rank)
         raise
@@ -172,16 +177,6 @@ def run_loader(cfg: TrainConfig, models: list[int], replica: int, num_replicas: 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def _wait_sent(entry: tuple[list, dict], dst: int, timeout: timedelta) -> None:
-    works, _tensors_kept_alive_until_sent = entry
-    try:
-        for work in works:
-            work.wait(timeout=timeout)
-    except RuntimeError as err:
-        raise RuntimeError(f"sending a batch to model rank {dst} failed or timed out after {timeout.total_seconds():g} s "
-                           f"(did that rank die?): {err}") from err
 
 
 class LocalFeeder(Prefetcher):

@@ -160,7 +160,11 @@ def run(args: argparse.Namespace) -> None:
 
     device = _device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(seconds=cfg.topology.timeout_s)
-    _init_process_group("nccl" if device.type == "cuda" else "gloo", timeout)
+    # The default group carries the loader -> model transport, whose every wait passes its own bound: the
+    # startup timeout for the first batches, timeout_s after. The group's timeout must not cut the first
+    # ones short: ProcessGroupNCCL's watchdog aborts an operation pending past it whatever its wait
+    # allowed, and a pair's first NCCL send waits that long in the store for its peer to join.
+    _init_process_group("nccl" if device.type == "cuda" else "gloo", timedelta(seconds=cfg.topology.startup_timeout_s))
     model_group = new_groups(topology, timeout)
     # The loaders reach the last barrier once their last batches are sent; the model ranks still train the
     # up to 2 x prefetch + 1 batches queued for them, then evaluate, sample and checkpoint, each bounded by

@@ -13,8 +13,8 @@ The text embeddings travel without their zero rows and columns (``pack_text``): 
 caption's 77 rows are padding, and a narrower encoder's block is zero past its width. That is most of
 a batch's bytes, and leaving exact zeros out loses nothing.
 
-Every receive is bounded by ``timeout_s``: a dead or stuck peer gives a ``TransportTimeout`` naming it,
-never a hang.
+Every receive and send is bounded by its own timeout (``timeout_s``; a longer one while the peer starts),
+so the process group's timeout need not be: a dead or stuck peer gives an error naming it, never a hang.
 """
 
 from __future__ import annotations
@@ -130,17 +130,43 @@ def send_batch(batch: dict[str, torch.Tensor], dst: int, group=None) -> list[dis
     return works
 
 
-def send_end(dst: int, group=None, device="cpu") -> None:
+class SendWaits:
+    """A loader's waits for its sends to complete, which needs the model rank to take them. A model rank
+    takes its first batches, then builds its model (loads a checkpoint, compiles its first step), so the
+    first ``early`` sends to each rank may wait ``startup_timeout_s``; every later one ``timeout_s``."""
+
+    def __init__(self, timeout_s: float, startup_timeout_s: float, early: int):
+        self.timeout_s, self.startup_timeout_s, self.early = timeout_s, startup_timeout_s, early
+        self._done: dict[int, int] = {}
+
+    def wait(self, works: list[dist.Work], dst: int) -> None:
+        starting = self._done.get(dst, 0) < self.early
+        limit = max(self.timeout_s, self.startup_timeout_s) if starting else self.timeout_s
+        try:
+            for work in works:
+                work.wait(timeout=timedelta(seconds=limit))
+        except RuntimeError as err:
+            still = " or is it still starting (loading, compiling)?" if starting else "?"
+            raise RuntimeError(f"sending a batch to model rank {dst} failed or timed out after {limit:g} s "
+                               f"(did that rank die{still}): {err}") from err
+        self._done[dst] = self._done.get(dst, 0) + 1
+
+
+def _send_now(tensor: torch.Tensor, dst: int, group, timeout_s: float) -> None:
+    dist.isend(tensor, dst, group=group).wait(timeout=timedelta(seconds=timeout_s))
+
+
+def send_end(dst: int, group=None, device="cpu", timeout_s: float = 300.0) -> None:
     """Tell ``dst`` that no more batches follow (it then stops cleanly)."""
-    dist.send(_header(END, 0, device), dst, group=group)
+    _send_now(_header(END, 0, device), dst, group, timeout_s)
 
 
-def send_error(dst: int, message: str, group=None, device="cpu") -> None:
+def send_error(dst: int, message: str, group=None, device="cpu", timeout_s: float = 300.0) -> None:
     """Tell ``dst`` that its loader failed, with the reason, so it exits non-zero instead of waiting."""
     data = message.encode("utf-8", errors="replace")[:MAX_MESSAGE_BYTES]
-    dist.send(_header(ERROR, len(data), device), dst, group=group)
+    _send_now(_header(ERROR, len(data), device), dst, group, timeout_s)
     if data:
-        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), dst, group=group)
+        _send_now(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), dst, group, timeout_s)
 
 
 def _receive(tensor: torch.Tensor, src: int, group, timeout_s: float, what: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from trainer.topology import Topology, new_groups
 from trainer.transport import (
     BatchReceiver,
+    SendWaits,
     LoaderFailed,
     TransportError,
     TransportTimeout,
@@ -216,6 +217,32 @@ def test_the_first_batch_may_take_the_startup_timeout_and_the_next_ones_only_the
     result = _spawn(_slow_first_batch_worker, tmp_path)
     assert result["received"] == [expected_batch(0)["latents"].shape[0]]
     assert result["error"] == "no batch header from rank 0 within 0.5 s: is that rank alive?"
+
+
+def _slow_model_rank_worker(rank, init, out):
+    _init(rank, 2, init)
+    if rank == 0:  # the loader: its first two sends may wait 10 s, the others 0.5 s
+        sends, sent, error = SendWaits(timeout_s=0.5, startup_timeout_s=10, early=2), 0, None
+        try:
+            for i in range(4):
+                sends.wait(send_batch(expected_batch(i), dst=1), 1)
+                sent += 1
+        except RuntimeError as err:
+            error = str(err).split(": ", 1)[0]
+        out.write_text(json.dumps({"sent": sent, "error": error}))
+        os._exit(0)
+    time.sleep(1.5)  # a model rank building its model before it takes a batch
+    for _ in range(2):
+        recv_batch(0, timeout_s=10)
+    time.sleep(3)  # then stuck
+    os._exit(0)
+
+
+def test_a_loader_waits_the_startup_timeout_for_a_model_rank_to_take_its_first_batches_then_only_the_timeout(
+        tmp_path):
+    result = _spawn(_slow_model_rank_worker, tmp_path)
+    assert result == {"sent": 2, "error": "sending a batch to model rank 1 failed or timed out after 0.5 s "
+                                          "(did that rank die?)"}
 
 
 def _groups_worker(rank, init, out):
