@@ -22,7 +22,8 @@ from PIL import Image
 from etl.accounting import check_accounting, reject_where
 from etl.buckets import bucket_shard, bucket_size, bucket_stage, write_bucketed
 from etl.config import PipelineConfig
-from etl.download import TRANSIENT_REASONS, download_shard, img2dataset_stamp, import_img2dataset_shard
+from etl.download import (TRANSIENT_REASONS, download_shard, img2dataset_stamp, import_img2dataset_shard,
+                          settled_outcomes)
 from etl.filter import HASH_CANDIDATE_COLUMNS, dedup_version, duplicate_winners, filter_shard, hash_candidates
 from etl.index import bucket_histogram, build_index, dataset_version, duplicate_keys, with_dataset_version
 from etl.invariants import bucketed_violations
@@ -32,7 +33,7 @@ from etl.schema import StepResult
 from etl.sources import imported_shards, write_url_shards
 from etl.storage import content_version, read_parquet, read_parquet_versioned, write_parquet_atomic
 from orchestration import partitions
-from orchestration.records import current_version, latest_materializations
+from orchestration.records import current_version, latest_materialization, latest_materializations
 from orchestration.resources import PipelineResource
 
 # Mapping a (shard, resolution) partition to its shard or resolution is a beta API in Dagster; it is the
@@ -83,6 +84,16 @@ def download_inputs(urls_version: str | None, imported: tuple | None) -> dict[st
     if imported is not None:
         inputs["import"] = img2dataset_stamp(imported[1])
     return inputs
+
+
+def _previous_download(instance: dg.DagsterInstance, shard: str, code_version: str, kept: Path,
+                       rejects: Path) -> StepResult | None:
+    """The shard's last download, when a download now would make the same rows of it: same settings, and
+    its files as it wrote them. Downloading a shard again then fetches only what that one did not settle."""
+    done = latest_materialization(instance, "downloaded", shard)
+    if done is None or done.code_version != code_version or not done.intact():
+        return None
+    return StepResult(kept=read_parquet(kept), rejects=read_parquet(rejects))
 
 
 def provenance(inputs: dict[str, str], *outputs: Path) -> dict:
@@ -154,13 +165,18 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name=GROUP, code_version=versions["downloaded"], partitions_def=shards, deps=[url_shards],
               kinds={"parquet"})
     def downloaded(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
-        """Images fetched by img2dataset with their original bytes; failures become rejects with reasons."""
+        """Images fetched by img2dataset with their original bytes; failures become rejects with reasons.
+        Downloaded again, a shard fetches only the rows its last download did not settle (``_previous_download``)."""
         shard, layout = context.partition_key, pipeline.layout
         urls, urls_version = read_parquet_versioned(layout.urls(shard))
         start = time.perf_counter()
         imported = imported_shards(pipeline.config).get(shard)
+        out, rejects = layout.downloaded(shard), layout.rejects("download", shard)
+        settled = {}
         if imported is None:
-            result = download_shard(urls, layout.work("download", shard), pipeline.config.download)
+            previous = _previous_download(context.instance, shard, versions["downloaded"], out, rejects)
+            settled = settled_outcomes(urls, previous) if previous is not None else {}
+            result = download_shard(urls, layout.work("download", shard), pipeline.config.download, settled)
         else:  # already downloaded: its img2dataset shard file is read, not its URLs
             result = import_img2dataset_shard(imported[1], imported[0].name)
         check_accounting(urls["key"], result, "download")
@@ -170,9 +186,9 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
             raise dg.Failure(description=f"every one of the {urls.num_rows} URLs of {shard} failed with a timeout, "
                                          "a connection error or a 429/502/503/504, on every pass: is the network "
                                          "(or its host) up? Nothing was recorded; run again")
-        out, rejects = layout.downloaded(shard), layout.rejects("download", shard)
         write_step(result, out, rejects)
         metadata = step_metadata(result, urls.num_rows, time.perf_counter() - start, out)
+        metadata["rows_reused"] = len(settled)
         metadata.update(provenance(download_inputs(urls_version, imported), out, rejects))
         return dg.MaterializeResult(metadata=metadata, data_version=file_version(out))
 

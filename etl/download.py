@@ -51,6 +51,8 @@ _REASONS: list[tuple[re.Pattern, str]] = [
 
 # Outcomes that say nothing about the URL, only about the network or the host at that moment.
 TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "http_429", "http_502", "http_503", "http_504"})
+# What a shard downloaded again fetches anew: those, and the samples img2dataset lost.
+RETRIED_REASONS = TRANSIENT_REASONS | {"not_recorded"}
 
 
 def reason_for(message: str | None) -> str:
@@ -220,11 +222,33 @@ def _fetch(urls: pa.Table, rows: list[int], work_dir: Path, cfg: DownloadConfig)
     return outcomes
 
 
-def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig) -> StepResult:
+def settled_outcomes(urls: pa.Table, previous: StepResult) -> dict[int, tuple]:
+    """{row of ``urls``: its outcome} for the rows that ``previous``, an earlier download of this shard with
+    the same settings, settled for good at the same key and URL: downloaded, or rejected for a reason that
+    another try would not change. The others (transient failures, new rows, changed URLs) are to fetch."""
+    pairs = zip(urls["key"].to_pylist(), urls["url"].to_pylist())
+    row_of = {(key, url): row for row, (key, url) in enumerate(pairs) if is_fetchable(url)}
+    settled: dict[int, tuple] = {}
+    image = ["image", "width", "height", "original_width", "original_height", "sha256"]  # a kept outcome's order
+    for record in previous.kept.select(["key", "url", *image]).to_pylist():
+        row = row_of.get((record["key"], record["url"]))
+        if row is not None:
+            settled[row] = ("kept", *(record[name] for name in image))
+    rejects = previous.rejects
+    for key, url, reason, detail in zip(*(rejects[name].to_pylist() for name in ("key", "url", "reason", "detail"))):
+        row = row_of.get((key, url))
+        if row is not None and reason not in RETRIED_REASONS:
+            settled[row] = ("rejected", reason, detail)
+    return settled
+
+
+def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig,
+                   settled: dict[int, tuple] | None = None) -> StepResult:
     """Download ``urls`` (etl.schema.URLS rows) with img2dataset; returns CANONICAL kept rows + rejects.
 
     After the first pass, the rows that failed for a transient reason are tried again, up to
-    ``cfg.transient_passes`` more passes; their rejects say how many passes they had.
+    ``cfg.transient_passes`` more passes; their rejects say how many passes they had. The rows in
+    ``settled`` (``settled_outcomes`` of an earlier download) are not fetched: their outcome stands.
     """
     for name in ("key", "url"):
         if name not in urls.column_names:
@@ -234,24 +258,28 @@ def download_shard(urls: pa.Table, work_dir: Path, cfg: DownloadConfig) -> StepR
         raise ValueError("download_shard: keys must be unique and not null")
     url_values = urls["url"].to_pylist()
     fetchable = [i for i, url in enumerate(url_values) if is_fetchable(url)]
+    settled = settled or {}
+    to_fetch = [i for i in fetchable if i not in settled]
 
     kept_rows: list[tuple] = []  # (input row, image, width, height, original_width, original_height, sha256)
     reject_rows: list[tuple[int, str, str]] = [  # (input row, reason, detail)
         (i, "invalid_url", f"not an http(s) URL: {url_values[i]!r}")
         for i in sorted(set(range(len(keys))) - set(fetchable))
     ]
-    if fetchable:
-        outcomes = _fetch(urls, fetchable, Path(work_dir), cfg)
+    outcomes = {i: settled[i] for i in fetchable if i in settled}
+    if to_fetch:
+        fetched = _fetch(urls, to_fetch, Path(work_dir), cfg)
         for attempt in range(2, cfg.transient_passes + 2):
-            again = [row for row, (status, *rest) in outcomes.items() if status == "rejected" and rest[0] in TRANSIENT_REASONS]
+            again = [row for row, (status, *rest) in fetched.items() if status == "rejected" and rest[0] in TRANSIENT_REASONS]
             if not again:
                 break
             for row, outcome in _fetch(urls, again, Path(work_dir), cfg).items():
                 if outcome[0] == "rejected":
                     outcome = (*outcome[:2], f"{outcome[2] or outcome[1]} (pass {attempt} of {cfg.transient_passes + 1})")
-                outcomes[row] = outcome
-        for row, outcome in outcomes.items():
-            (kept_rows if outcome[0] == "kept" else reject_rows).append((row, *outcome[1:]))
+                fetched[row] = outcome
+        outcomes.update(fetched)
+    for row, outcome in outcomes.items():
+        (kept_rows if outcome[0] == "kept" else reject_rows).append((row, *outcome[1:]))
 
     result = StepResult(kept=_kept_table(urls, kept_rows), rejects=_rejects_table(urls, reject_rows))
     check_accounting(keys, result, "download")

@@ -47,15 +47,25 @@ def latest_materializations(instance: dg.DagsterInstance, asset: str) -> dict[st
         page = storage_ids[start : start + _PAGE]
         records = instance.fetch_materializations(dg.AssetRecordsFilter(key, storage_ids=page), limit=len(page))
         for record in records.records:
-            event = record.asset_materialization
-            tags, metadata = event.tags or {}, event.metadata
-            latest[event.partition] = Materialized(
-                code_version=tags.get("dagster/code_version"),
-                data_version=tags.get("dagster/data_version"),
-                inputs=metadata["inputs"].value if "inputs" in metadata else {},
-                outputs=metadata["outputs"].value if "outputs" in metadata else {},
-            )
+            latest[record.asset_materialization.partition] = _materialized(record.asset_materialization)
     return latest
+
+
+def latest_materialization(instance: dg.DagsterInstance, asset: str, partition: str) -> Materialized | None:
+    """The latest materialization of one partition of ``asset``; None when it has none."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(dg.AssetKey(asset), asset_partitions=[partition]), limit=1)
+    return _materialized(records.records[0].asset_materialization) if records.records else None
+
+
+def _materialized(event: dg.AssetMaterialization) -> Materialized:
+    tags, metadata = event.tags or {}, event.metadata
+    return Materialized(
+        code_version=tags.get("dagster/code_version"),
+        data_version=tags.get("dagster/data_version"),
+        inputs=metadata["inputs"].value if "inputs" in metadata else {},
+        outputs=metadata["outputs"].value if "outputs" in metadata else {},
+    )
 
 
 def current_version(done: Materialized | None, path: Path) -> str | None:

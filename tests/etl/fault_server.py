@@ -6,7 +6,7 @@
 Routes: /404, /500, /slow (answers after ``slow_seconds``), /redirect (302 to /valid.png), /valid.png,
 /valid.jpg, /png-as-text (a valid PNG served as text/plain), /html-as-jpeg, /empty (zero-byte image/jpeg),
 /random (random bytes as image/jpeg), /flaky (503 Service Unavailable to its first request, /valid.png's
-answer after), plus whatever ``add`` registers.
+answer after), plus whatever ``add`` registers. ``requests`` counts the requests per path.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import io
 import random
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -48,7 +49,7 @@ class FaultServer:
         self._add_response("/404", 404, b"not found", "text/plain")
         self._add_response("/500", 500, b"server error", "text/plain")
         self._add_response("/redirect", 302, b"", "text/plain", {"Location": "/valid.png"})
-        self._flaky_requests = 0
+        self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -81,13 +82,14 @@ class FaultServer:
                 pass
 
             def do_GET(self):
+                with fault_server._lock:
+                    fault_server.requests[self.path] += 1
                 if self.path == "/slow":
                     time.sleep(fault_server.slow_seconds)
                     status, body, content_type, headers = 200, VALID_PNG, "image/png", {}
                 elif self.path == "/flaky":
                     with fault_server._lock:
-                        fault_server._flaky_requests += 1
-                        first = fault_server._flaky_requests == 1
+                        first = fault_server.requests["/flaky"] == 1
                     status, body, content_type, headers = (503, b"try later", "text/plain", {}) if first else (
                         200, VALID_PNG, "image/png", {})
                 else:

@@ -13,12 +13,13 @@ import threading
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from etl.config import DownloadConfig
-from etl.download import (download_shard, identify_image, img2dataset_shards, img2dataset_url_rows,
+from etl.download import (download_shard, identify_image, img2dataset_shards, img2dataset_url_rows, settled_outcomes,
                           import_img2dataset_shard, reason_for, run_img2dataset)
 from etl.schema import CANONICAL, REJECTS, StepResult
 from tests.etl.fault_server import VALID_JPEG, VALID_JPEG_SIZE, VALID_PNG, VALID_PNG_SIZE, FaultServer
@@ -99,6 +100,25 @@ def test_transient_failures_get_a_second_pass_that_their_rejects_record(download
     assert once.kept.num_rows == 0
     assert dict(zip(once.rejects["key"].to_pylist(), once.rejects["reason"].to_pylist())) == {
         "a": "http_503", "b": "http_404"}
+
+
+def test_downloading_again_fetches_only_what_the_last_download_did_not_settle(tmp_path):
+    cfg = DownloadConfig(processes=1, threads=2, timeout=TIMEOUT, transient_passes=0)
+    with FaultServer() as server:
+        urls = pa.table({"key": ["a", "b", "c", "d"],
+                         "url": [server.url("/valid.png"), server.url("/404"), server.url("/flaky"), "ftp://x/y.png"]})
+        first = download_shard(urls, tmp_path, cfg)
+        assert first.kept["key"].to_pylist() == ["a"]  # /flaky's 503 is a reject of this run
+        again = download_shard(urls, tmp_path, cfg, settled_outcomes(urls, first))
+        # A changed URL is a new row to fetch, whatever its key had before.
+        moved = urls.set_column(1, "url", pa.array([server.url("/valid.jpg"), *urls["url"].to_pylist()[1:]]))
+        settled_moved = settled_outcomes(moved, again)
+        requests = dict(server.requests)
+    assert requests == {"/valid.png": 1, "/404": 1, "/flaky": 2}
+    assert again.kept["key"].to_pylist() == ["a", "c"]
+    assert again.kept.slice(0, 1).equals(first.kept)  # reused as it was
+    assert again.rejects.equals(first.rejects.filter(pc.is_in(first.rejects["key"], pa.array(["b", "d"]))))
+    assert sorted(settled_moved) == [1, 2]  # b's 404 and c's image stand; a moved; d is never fetched
 
 
 def test_valid_images_keep_original_bytes_sizes_and_hash(downloaded):

@@ -2,7 +2,7 @@
 
 One demo pipeline (real img2dataset downloads from a loopback server, every Dagster asset) taken through
 the changes a dataset sees: nothing, a lost output file, a setting that changes nothing downstream, a grown
-URL list, and a forced stage. What ran is read from the Dagster instance, not from the command's output.
+URL list, and forced stages. What ran is read from the Dagster instance, not from the command's output.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def materializations(instance: dg.DagsterInstance) -> dict[str, dict[str, int]]:
 
 def ran_since(before: dict, after: dict) -> dict[str, set[str]]:
     return {asset: {p for p, n in after[asset].items() if n > before[asset].get(p, 0)} for asset in STAGES}
+
+
+def _latest_metadata(instance: dg.DagsterInstance, asset: str, partition: str) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1)
+    return records.records[0].asset_materialization.metadata
 
 
 def outputs(root) -> dict[str, tuple[int, str]]:
@@ -122,15 +128,23 @@ def test_rerun_skips_what_is_up_to_date_and_runs_what_changed(tmp_path, monkeypa
         assert {f: d for f, (_, d) in after.items()} == {f: d for f, (_, d) in before.items()}
         assert any(after[f][0] != before[f][0] for f in after if f.startswith("buckets/"))
 
+        # Downloading forced again: each shard's rows were settled (downloaded, or rejected for good) by the
+        # last download with these settings, so nothing is fetched and the same bytes are written.
+        ran, _ = run("redownload", force=["downloaded"], filter={"max_pwatermark": 0.9})
+        assert ran["downloaded"] == set(shards) | {new} and ran["bucketed"] == set()
+        with dg.DagsterInstance.get() as instance:
+            for shard in ran["downloaded"]:
+                metadata = _latest_metadata(instance, "downloaded", shard)
+                assert metadata["rows_reused"].value == metadata["rows_in"].value == SHARD_SIZE, shard
+        assert {f: d for f, (_, d) in outputs(root).items()} == {f: d for f, (_, d) in after.items()}
+
         # Captioning forced again (as after a crash that wrote the shard but recorded nothing): every row's
         # caption is read back from the shard's kept work folder, none is made again.
         ran, _ = run("recaptioned", force=["recaptioned"], filter={"max_pwatermark": 0.9})
         assert ran["recaptioned"] == set(shards) | {new}
         with dg.DagsterInstance.get() as instance:
             for shard in ran["recaptioned"]:
-                records = instance.fetch_materializations(
-                    dg.AssetRecordsFilter(asset_key=dg.AssetKey("recaptioned"), asset_partitions=[shard]), limit=1)
-                metadata = records.records[0].asset_materialization.metadata
+                metadata = _latest_metadata(instance, "recaptioned", shard)
                 assert metadata["rows_resumed"].value == metadata["rows_in"].value > 0, shard
         assert {f: d for f, (_, d) in outputs(root).items() if f.startswith("recaptioned/")} == {
             f: d for f, (_, d) in after.items() if f.startswith("recaptioned/")}
