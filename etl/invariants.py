@@ -26,9 +26,13 @@ def bucketed_violations(table: pa.Table, resolution: int, multiple: int = 16) ->
             found["side_not_multiple"].append(key)
         if max(h, w) > resolution:
             found["long_side_over_resolution"].append(key)
-        with Image.open(io.BytesIO(data)) as img:
-            if img.size != (w, h) or img.mode != "RGB":
-                found["image_mismatch"].append(key)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()  # the whole image, not only its header: a truncated body must not reach training
+                if img.size != (w, h) or img.mode != "RGB":
+                    found["image_mismatch"].append(key)
+        except (OSError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
+            found["image_mismatch"].append(key)
     for column in ("recaption", "recaption_short"):
         stripped = pc.utf8_trim_whitespace(pc.fill_null(table[column], ""))
         empty = pc.equal(pc.utf8_length(stripped), 0)
