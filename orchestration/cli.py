@@ -16,7 +16,8 @@ WORKSPACE = Path(__file__).resolve().parents[1] / "workspace.yaml"
 
 def dagster_home() -> Path:
     """DAGSTER_HOME, defaulting to ./.dagster so runs made here show up in `sd3 ui` / `dagster dev`."""
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster"))).resolve()
+    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster").resolve()
+    os.environ["DAGSTER_HOME"] = str(home)  # Dagster takes only an absolute path
     home.mkdir(parents=True, exist_ok=True)
     settings = home / "dagster.yaml"
     if not settings.exists():

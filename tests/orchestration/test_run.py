@@ -62,3 +62,14 @@ def test_the_dedup_winners_go_stale_with_the_thresholds_they_were_chosen_under(t
 
     assert versions(max_punsafe=0.2)["content_hashes"] != versions()["content_hashes"]
     assert versions(min_side=128)["content_hashes"] == versions()["content_hashes"]
+
+
+def test_a_relative_dagster_home_is_made_absolute_for_dagster(tmp_path, monkeypatch):
+    from orchestration.cli import dagster_home
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", "home")
+    assert dagster_home() == tmp_path / "home"
+    assert os.environ["DAGSTER_HOME"] == str(tmp_path / "home")
+    with dg.DagsterInstance.get() as instance:  # Dagster refuses a relative DAGSTER_HOME
+        assert instance.root_directory == str(tmp_path / "home")
