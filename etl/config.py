@@ -251,10 +251,13 @@ class AutomationConfig:
     recaption_cron: str = "0 * * * *"  # the schedule that backfills recaptioning
     recaption_pool_limit: int | None = None  # recaption steps at once; None: one per visible GPU (1 on CPU)
     sensor_interval_s: int = 60  # least time between two evaluations of the URL-list sensor
+    retries: int = 2  # the sensor's runs that fail are requested again up to this many times
 
     def __post_init__(self):
         if self.sensor_interval_s < 1:
             raise ConfigError(f"automation.sensor_interval_s: must be at least 1, got {self.sensor_interval_s}")
+        if self.retries < 0:
+            raise ConfigError(f"automation.retries: must be at least 0, got {self.retries}")
 
 
 @dataclass

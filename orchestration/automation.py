@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections import Counter
 
 import dagster as dg
 
@@ -47,10 +49,29 @@ UNFINISHED = (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED, dg.Da
               dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
 
 
+def _has_run(instance: dg.DagsterInstance, run_key: str) -> bool:
+    return bool(instance.get_run_ids(filters=dg.RunsFilter(tags={"dagster/run_key": run_key}), limit=1))
+
+
 def partitions_in_flight(instance: dg.DagsterInstance, job_name: str) -> set[str]:
     """The partitions of ``job_name`` that an unfinished run is working on."""
     runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=list(UNFINISHED)))
     return {run.tags["dagster/partition"] for run in runs if "dagster/partition" in run.tags}
+
+
+def failed_runs_by_request(instance: dg.DagsterInstance, job_name: str) -> Counter[str]:
+    """How many runs of ``job_name`` failed per request: their run keys, attempts counted together."""
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.FAILURE]))
+    return Counter(_ATTEMPT.sub("", run.tags.get("dagster/run_key", "")) for run in runs)
+
+
+_ATTEMPT = re.compile(r"-retry\d+$")
+
+
+def attempt_key(request: str, failed: int) -> str:
+    """The run key of a request's next attempt. Dagster launches a run key once, whatever became of that
+    run: a request whose run failed is asked for again under a new key."""
+    return f"{request}-retry{failed}" if failed else request
 
 
 def _stale_with(instance, config, asset: str, keys: list[str], name: str) -> list[tuple[str, str]]:
@@ -67,18 +88,41 @@ def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJ
                minimum_interval_seconds=config.automation.sensor_interval_s,
                description="Splits new or grown URL lists into shards, then downloads shards not yet downloaded.")
     def url_lists_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineResource):
+        instance, retries = context.instance, pipeline.config.automation.retries
         fingerprints = url_list_fingerprints(pipeline.config)
-        previous = json.loads(context.cursor) if context.cursor else {}
-        requests = []
-        if fingerprints != previous:
-            digest = hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:16]
-            requests.append(dg.RunRequest(job_name="url_shards_job", run_key=f"url-lists-{digest}"))
-        for shard, version in shards_to_download(context.instance, pipeline.config):
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        requests, given_up = [], []
+        # Each new state of the lists is a request of its own, numbered: a list taken out and put back
+        # (same mtime and size) is sharded again.
+        sharding = cursor.get("sharding", 0) + (fingerprints != cursor.get("lists", {}))
+        digest = hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:16]
+        request = f"url-lists-{sharding}-{digest}"
+        failed = failed_runs_by_request(instance, "url_shards_job")[request]
+        retry = 0 < failed <= retries and not _has_run(instance, attempt_key(request, failed))
+        if sharding != cursor.get("sharding", 0) or retry:
+            requests.append(dg.RunRequest(job_name="url_shards_job", run_key=attempt_key(request, failed)))
+        elif failed > retries:
+            given_up.append("the URL lists")
+        # A shard's request changes with its URL rows and with each materialization of it: a shard
+        # downloaded, then stale again (its file deleted, a download setting changed), is requested anew.
+        materialized = instance.get_latest_storage_id_by_partition(dg.AssetKey("downloaded"),
+                                                                   dg.DagsterEventType.ASSET_MATERIALIZATION)
+        failed_downloads = failed_runs_by_request(instance, "download_job")
+        for shard, version in shards_to_download(instance, pipeline.config):
+            request = f"download-{shard}-{version}-{materialized.get(shard, 0)}"
+            if failed_downloads[request] > retries:
+                given_up.append(shard)
+                continue
             requests.append(dg.RunRequest(job_name="download_job", partition_key=shard,
-                                          run_key=f"download-{shard}-{version}"))
+                                          run_key=attempt_key(request, failed_downloads[request])))
         if not requests:
+            if given_up:
+                return dg.SkipReason(f"{len(given_up)} requests failed {retries + 1} times ({', '.join(given_up[:5])}"
+                                     f"{' ...' if len(given_up) > 5 else ''}): see their runs; `sd3 data run` or the "
+                                     "UI runs them again")
             return dg.SkipReason("no new URL lists and every registered shard is downloaded")
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(fingerprints, sort_keys=True))
+        return dg.SensorResult(run_requests=requests,
+                               cursor=json.dumps({"lists": fingerprints, "sharding": sharding}, sort_keys=True))
 
     @dg.schedule(cron_schedule=config.automation.recaption_cron, job=jobs["recaption_job"],
                  description="Recaptions filtered shards whose captions are not up to date.")

@@ -159,3 +159,69 @@ def test_a_shard_whose_every_url_met_a_network_failure_is_not_recorded_as_downlo
     assert "failed with a timeout, a connection error or a 429/502/503/504" in str(result.failure_data_for_node("downloaded").error)
     assert not layout.downloaded(shard).exists()
     assert instance.get_materialized_partitions(dg.AssetKey("downloaded")) == set()
+
+
+def run_as_the_sensor_would(defs, instance, request: dg.RunRequest) -> bool:
+    """Launch ``request`` in-process with the tags the daemon gives a sensor's run; True when it succeeded."""
+    job = defs.resolve_job_def(request.job_name)
+    return job.execute_in_process(instance=instance, partition_key=request.partition_key, raise_on_error=False,
+                                  tags={"dagster/run_key": request.run_key}).success
+
+
+def test_a_failed_download_is_asked_for_again_under_a_new_run_key_then_given_up(tmp_path):
+    # Dagster launches a run key once, whatever became of its run: the same key again would never retry.
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    url_list(watch / "laion-part-1.parquet", 1)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"root": str(tmp_path / "run"), "sources": [], "shard_size": 2,
+                                      "automation": {"watch_dir": str(watch), "retries": 1}}))
+    defs = build_definitions(str(config))
+    with dg.instance_for_test() as instance:
+        first = evaluate_sensor(defs, instance)
+        assert run_as_the_sensor_would(defs, instance, first.run_requests[0])
+        DataLayout(tmp_path / "run").urls("laion-part-1-00000").write_bytes(b"torn")  # every download of it fails
+        keys = []
+        cursor = first.cursor
+        for _ in range(2):
+            tick = evaluate_sensor(defs, instance, cursor=cursor)
+            [download] = tick.run_requests
+            keys.append(download.run_key)
+            assert not run_as_the_sensor_would(defs, instance, download)
+            cursor = tick.cursor
+        assert keys[1] == keys[0] + "-retry1"
+        last = evaluate_sensor(defs, instance, cursor=cursor)
+        assert isinstance(last, dg.SkipReason) and "1 requests failed 2 times (laion-part-1-00000)" in last.skip_message
+
+
+def test_a_url_list_put_back_and_a_shard_stale_again_get_new_run_keys(setup):
+    defs, instance, watch, layout = setup
+    first = evaluate_sensor(defs, instance)
+    assert run_as_the_sensor_would(defs, instance, first.run_requests[0])
+    downloads = evaluate_sensor(defs, instance, cursor=first.cursor)
+    shard = layout.shards()[0]
+    [request] = [r for r in downloads.run_requests if r.partition_key == shard]
+    assert run_as_the_sensor_would(defs, instance, request)  # every URL invalid: a shard of rejects
+    layout.downloaded(shard).unlink()  # lost: stale again, under a key of its own
+    [again] = [r for r in evaluate_sensor(defs, instance, cursor=downloads.cursor).run_requests
+               if r.partition_key == shard]
+    assert again.run_key != request.run_key
+
+    moved = watch.parent / "laion-part-1.parquet"
+    (watch / "laion-part-1.parquet").rename(moved)
+    gone = evaluate_sensor(defs, instance, cursor=downloads.cursor)
+    moved.rename(watch / "laion-part-1.parquet")  # back, with its mtime and size: the lists as at first
+    back = evaluate_sensor(defs, instance, cursor=gone.cursor)
+    sharding_keys = [tick.run_requests[0].run_key for tick in (first, gone, back)]
+    assert len(set(sharding_keys)) == 3 and all(key.startswith("url-lists-") for key in sharding_keys)
+
+
+def test_a_failed_sharding_is_asked_for_again(setup):
+    defs, instance, watch, layout = setup
+    (watch / "laion-part-1.parquet").write_bytes(b"not parquet")
+    first = evaluate_sensor(defs, instance)
+    assert not run_as_the_sensor_would(defs, instance, first.run_requests[0])
+    retry = evaluate_sensor(defs, instance, cursor=first.cursor)
+    assert [r.run_key for r in retry.run_requests] == [first.run_requests[0].run_key + "-retry1"]
+    url_list(watch / "laion-part-1.parquet", 5)  # mended (and so a new state of the lists)
+    assert run_as_the_sensor_would(defs, instance, evaluate_sensor(defs, instance, cursor=retry.cursor).run_requests[0])
