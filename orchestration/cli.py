@@ -12,6 +12,14 @@ from trainer.eval_cli import add_parser as add_eval_parser
 from trainer.sample_cli import add_parser as add_sample_parser
 
 WORKSPACE = Path(__file__).resolve().parents[1] / "workspace.yaml"
+# No telemetry: this toolkit runs on machines that reach nothing but package registries. The etl
+# package's warnings (a repaired TSV line, a caption batch that failed) go to each run's event log, in the UI.
+INSTANCE_SETTINGS = """\
+telemetry:
+  enabled: false
+python_logs:
+  managed_python_loggers: [etl]
+"""
 
 
 def dagster_home() -> Path:
@@ -21,8 +29,7 @@ def dagster_home() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     settings = home / "dagster.yaml"
     if not settings.exists():
-        # No telemetry: this toolkit runs on machines that reach nothing but package registries.
-        settings.write_text("telemetry:\n  enabled: false\n")
+        settings.write_text(INSTANCE_SETTINGS)
     return home
 
 

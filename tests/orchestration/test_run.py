@@ -73,3 +73,23 @@ def test_a_relative_dagster_home_is_made_absolute_for_dagster(tmp_path, monkeypa
     assert os.environ["DAGSTER_HOME"] == str(tmp_path / "home")
     with dg.DagsterInstance.get() as instance:  # Dagster refuses a relative DAGSTER_HOME
         assert instance.root_directory == str(tmp_path / "home")
+
+
+def test_the_etl_warnings_reach_the_event_log_of_the_run(tmp_path, monkeypatch):
+    import yaml
+
+    from orchestration.cli import dagster_home
+    from orchestration.definitions import build_definitions
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    dagster_home()  # writes the instance's dagster.yaml
+    urls = tmp_path / "cc12m.tsv"
+    urls.write_text("http://127.0.0.1/a.png\ta caption\twith a tab too many\nhttp://127.0.0.1/b.png\tfine\n")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"root": str(tmp_path / "run"), "sources": [
+        {"name": "cc12m", "path": str(urls), "kind": "cc12m_tsv", "header": False}]}))
+    defs = build_definitions(str(config))
+    with dg.DagsterInstance.get() as instance:
+        result = defs.resolve_job_def("url_shards_job").execute_in_process(instance=instance)
+        messages = [event.user_message for event in instance.all_logs(result.run_id)]
+    assert any("1 lines of" in m and "do not have its 2 columns; repaired" in m for m in messages), messages
