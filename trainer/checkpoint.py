@@ -116,7 +116,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if _is_step_folder(path):
         return path
     latest = path / LATEST
-    steps = sorted(p for p in path.glob(f"{STEP_PREFIX}*") if _is_step_folder(p))
+    steps = sorted((p for p in path.glob(f"{STEP_PREFIX}*") if _step_of(p) is not None and _is_step_folder(p)),
+                   key=_step_of)
     if latest.is_file():
         named = path / latest.read_text().strip()
         if _is_step_folder(named):
@@ -225,14 +226,23 @@ def wait_for_rank_states(checkpoint_dir: str | os.PathLike, step: int, world_siz
         time.sleep(0.05)
 
 
-def prune_checkpoints(checkpoint_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest step folders (never the one ``latest`` names); returns those deleted."""
+def _step_of(path: Path) -> int | None:
+    digits = path.name[len(STEP_PREFIX):]
+    return int(digits) if digits.isdigit() else None
+
+
+def prune_checkpoints(checkpoint_dir: str | os.PathLike, keep: int, saved_step: int | None = None) -> list[Path]:
+    """Delete all but the ``keep`` newest step folders up to ``saved_step`` (never the one ``latest``
+    names); returns those deleted. Folders of later steps are left alone: a run resumed from an earlier
+    step (rolled back past a divergence) must not lose its own new checkpoints to the abandoned ones."""
     if keep < 1:
         raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
     checkpoint_dir = Path(checkpoint_dir)
     latest = checkpoint_dir / LATEST
     protected = latest.read_text().strip() if latest.is_file() else None
-    steps = sorted(p for p in checkpoint_dir.glob(f"{STEP_PREFIX}*") if p.is_dir())
+    numbered = [(_step_of(p), p) for p in checkpoint_dir.glob(f"{STEP_PREFIX}*") if p.is_dir()]
+    steps = [p for step, p in sorted((s, p) for s, p in numbered if s is not None)
+             if saved_step is None or step <= saved_step]
     doomed = [p for p in steps[:-keep] if p.name != protected]
     for path in doomed:
         shutil.rmtree(path)
@@ -244,7 +254,7 @@ def save_checkpoint(
     meta: dict, trainer_state: dict, rank_state_files: list[Path], keep: int,
 ) -> Path:
     """Weights, ``trainer_state`` and the staged rank files as one atomic step folder; ``latest`` names it,
-    then only the ``keep`` newest step folders are kept."""
+    then only the ``keep`` newest step folders up to it are kept."""
     step_dir = step_folder(checkpoint_dir, step)
     with atomic_step_folder(step_dir) as tmp:
         write_weights(tmp, model, ema, encoders_config, {"step": step, **meta})
@@ -253,7 +263,7 @@ def save_checkpoint(
         for path in rank_state_files:
             shutil.copyfile(path, tmp / RANKS / path.name)
     shutil.rmtree(staging_folder(checkpoint_dir, step), ignore_errors=True)
-    prune_checkpoints(checkpoint_dir, keep)
+    prune_checkpoints(checkpoint_dir, keep, saved_step=step)
     return step_dir
 
 

@@ -252,9 +252,12 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
                             {"wandb_run_id": metrics.run_id if metrics is not None else None,
                              "wandb_step_offset": wandb_step_offset}, last_validation)
         ctx.source.close()
-    finally:
+    except BaseException:
         if metrics is not None:
-            metrics.close()
+            metrics.close(failed=True)
+        raise
+    if metrics is not None:
+        metrics.close()
 
 
 def _checkpoint(cfg, ctx: ModelRankContext, step, loss, model, ema, optimizer, scheduler, scaler, generator,

@@ -9,12 +9,15 @@ dropped, so metrics.jsonl reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from tqdm import tqdm
 
 from trainer.checkpoint import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 KEYS = ("step", "loss", "lr", "grad_norm", "images_per_s", "data_wait_frac")
@@ -46,11 +49,25 @@ class WandbWindow:
         return point
 
 
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, its record) of each complete line. A crash while a line was appended (a node lost, a full
+    disk) leaves it cut short: it is left out, with a warning, so the run can still resume."""
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records.append((line, record | {"step": int(record["step"])}))
+        except (ValueError, TypeError, KeyError):
+            log.warning("%s line %d is not a complete metrics record (cut short by a crash?): left out: %.80r",
+                        path, number, line)
+    return records
+
+
 def read_metrics(checkpoint_dir: str | os.PathLike) -> list[dict]:
     path = Path(checkpoint_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _records(path)] if path.is_file() else []
 
 
 def truncate_metrics(checkpoint_dir: Path, last_step: int) -> None:
@@ -58,7 +75,7 @@ def truncate_metrics(checkpoint_dir: Path, last_step: int) -> None:
     path = checkpoint_dir / METRICS_FILE
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [line for line, record in _records(path) if record["step"] <= last_step]
     write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
@@ -108,8 +125,10 @@ class MetricsLogger:
         self._wandb.log({"samples": [wandb.Image(img, caption=c) for img, c in zip(images, captions)]},
                         step=step + self.wandb_step_offset)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """``failed``: the run ends on an error, which wandb records (its exit hooks never see it: a
+        failing rank leaves through os._exit)."""
         self._bar.close()
         self._file.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=1 if failed else 0)

@@ -1,6 +1,6 @@
 """Text-to-image sampling from a checkpoint: load the model and the encoders once, generate many times.
 
-    pipe = Pipeline.from_checkpoint("runs/demo/checkpoints")
+    pipe = Pipeline.from_checkpoint("demo_data/runs/demo")
     images = pipe.generate("a red circle on a white background", steps=50, cfg=5.0, seed=0)
     images, frames = pipe.generate(["a blue square"], trajectory=True)  # frames[i]: image i's GIF frames
 

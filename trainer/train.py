@@ -90,7 +90,15 @@ def _record_for_torchrun(err: BaseException) -> None:
 
 def _resume_dir(cfg, resume: bool) -> Path | None:
     if not resume:
-        return None
+        # Starting over there would mix two runs' step folders (the older run's later steps outliving
+        # this one's) and drop the earlier run's metrics.jsonl.
+        try:
+            held = resolve_checkpoint(cfg.checkpoint.dir)
+        except CheckpointNotFoundError:
+            return None
+        raise ConfigError(f"checkpoint.dir {cfg.checkpoint.dir} already holds a run (its last checkpoint: {held.name}): "
+                          "pass --resume to continue it, or choose another checkpoint.dir (or delete that one) "
+                          "to start afresh")
     try:
         return resolve_checkpoint(cfg.checkpoint.dir)
     except CheckpointNotFoundError:

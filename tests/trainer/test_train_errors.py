@@ -79,6 +79,18 @@ def test_setup_error_ends_every_rank_with_its_reason(case, data_root, tmp_path):
     assert not (tmp_path / "run" / "latest").exists()
 
 
+def test_a_fresh_start_in_a_checkpoint_dir_that_holds_a_run_is_refused(data_root, tmp_path):  # noqa: F811
+    (tmp_path / "run" / "step_0000004" / "model").mkdir(parents=True)  # what an earlier run left there
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    ranks = launch_ranks(2, _config_with(data_root, tmp_path, {}))
+    for rank, process in enumerate(ranks):
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode != 0
+        assert f"rank {rank} failed" in stderr and "already holds a run (its last checkpoint: step_0000004): " \
+            "pass --resume" in stderr, stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
 def test_world_size_mismatch_under_torchrun(data_root, tmp_path):  # noqa: F811
     config = _config_with(data_root, tmp_path, {"topology": {"loader_to_model": {0: [1, 2, 3], 4: [5, 6, 7]}}})
     result = run(torchrun_command(4, config), timeout=180)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -148,6 +149,26 @@ def test_wandb_offline_run_gets_an_id(tmp_path):
     assert logger.run_id and list((tmp_path / "wandb").glob(f"offline-run-*-{logger.run_id}"))
 
 
+def test_wandb_records_a_run_that_ends_on_an_error_as_failed(tmp_path):
+    # A failing rank leaves through os._exit, so wandb's own exit hooks never see the error.
+    exit_codes = {}
+    for failed in (False, True):
+        logger = MetricsLogger(tmp_path / str(failed), 1, 0, "offline", "test", None, {}, False, 1)
+        logger.close(failed=failed)
+        [log_file] = (tmp_path / str(failed)).glob(f"wandb/offline-run-*-{logger.run_id}/logs/debug.log")
+        exit_codes[failed] = re.findall(r"got exitcode: (\d+)", log_file.read_text())
+    assert exit_codes == {False: ["0"], True: ["1"]}
+
+
+def test_a_metrics_line_cut_short_by_a_crash_is_left_out_on_resume(tmp_path):
+    lines = [json.dumps({key: 1.0 for key in KEYS} | {"step": step}) for step in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3, "lo')
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+    MetricsLogger(tmp_path, 4, start_step=2, wandb_mode="disabled", wandb_project="p", wandb_run_id=None,
+                  run_config={}, progress=False, every=1).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines) + "\n"
+
+
 def _save(tmp_path, step, model, world_size=2):
     for rank in range(world_size):
         save_rank_state(tmp_path, step, rank, {"generator": torch.Generator().manual_seed(rank).get_state(),
@@ -202,3 +223,17 @@ def test_prune_never_deletes_latest(tmp_path):
     (tmp_path / "latest").write_text("step_0000001\n")
     deleted = prune_checkpoints(tmp_path, keep=1)
     assert [p.name for p in deleted] == ["step_0000002"]
+
+
+def test_prune_keeps_the_newest_up_to_the_saved_step_and_leaves_later_ones(tmp_path):
+    """A run rolled back to step 2000 (``latest`` edited) saves 2100..2400 beside the abandoned 3000..5000:
+    its own checkpoints are the ones kept, by step number, not by name among all of them."""
+    for step in (3000, 4000, 5000, 2000, 2100, 2200, 2300, 2400, 12_345_678):
+        (tmp_path / f"step_{step:07d}" / "model").mkdir(parents=True)
+    (tmp_path / "step_notes").mkdir()  # not a step folder: never touched
+    (tmp_path / "latest").write_text("step_0002400\n")
+    deleted = prune_checkpoints(tmp_path, keep=3, saved_step=2400)
+    assert [p.name for p in deleted] == ["step_0002000", "step_0002100"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "step_0002200", "step_0002300", "step_0002400", "step_0003000", "step_0004000", "step_0005000",
+        "step_12345678", "step_notes"]
