@@ -115,12 +115,12 @@ def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJ
                 continue
             requests.append(dg.RunRequest(job_name="download_job", partition_key=shard,
                                           run_key=attempt_key(request, failed_downloads[request])))
+        gave_up = (f"{len(given_up)} requests failed {retries + 1} times ({', '.join(given_up[:5])}"
+                   f"{' ...' if len(given_up) > 5 else ''}): see their runs; `sd3 data run` or the UI runs them again")
         if not requests:
-            if given_up:
-                return dg.SkipReason(f"{len(given_up)} requests failed {retries + 1} times ({', '.join(given_up[:5])}"
-                                     f"{' ...' if len(given_up) > 5 else ''}): see their runs; `sd3 data run` or the "
-                                     "UI runs them again")
-            return dg.SkipReason("no new URL lists and every registered shard is downloaded")
+            return dg.SkipReason(gave_up if given_up else "no new URL lists and every registered shard is downloaded")
+        if given_up:
+            context.log.warning(gave_up)
         return dg.SensorResult(run_requests=requests,
                                cursor=json.dumps({"lists": fingerprints, "sharding": sharding}, sort_keys=True))
 
