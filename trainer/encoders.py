@@ -58,6 +58,8 @@ class EncodersConfig:
         base = PRESETS[self.preset]
         if self.vae is None:
             self.vae, self.vae_subfolder = base["vae"], base.get("vae_subfolder")
+        elif self.vae_subfolder is None:  # a preset's VAE named outright keeps its subfolder
+            self.vae_subfolder = next((p.get("vae_subfolder") for p in PRESETS.values() if p["vae"] == self.vae), None)
         for name in ("gemma", "bert", "clip", "text_len", "text_dim"):
             if getattr(self, name) is None:
                 setattr(self, name, base[name])
@@ -194,6 +196,18 @@ def _from_pretrained(setting: str, value: str, load):
         raise OSError(f"encoders.{setting}: cannot load {value!r}: {err}") from err
 
 
+def _check_complete(setting: str, value: str, model, loading_info: dict):
+    """A checkpoint that lacks some of the model's weights would load them random, with only a printed
+    report: frozen, they would condition every batch on noise (a CLIP text tower saved without its
+    projection, another architecture's folder)."""
+    if loading_info["missing_keys"]:
+        missing = sorted(loading_info["missing_keys"])
+        raise ConfigError(f"encoders.{setting}: {value!r} has no weights for {len(missing)} tensors of "
+                          f"{type(model).__name__} ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): "
+                          "is it the right model?")
+    return model
+
+
 def load_vae(config: EncodersConfig, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     if config.vae == TINY:
         vae = build_tiny_vae(config.seed)
@@ -201,12 +215,17 @@ def load_vae(config: EncodersConfig, dtype: torch.dtype = torch.float32) -> Auto
         return vae if dtype == torch.float32 else vae.to(dtype)
     from diffusers import AutoencoderKL
 
-    return _from_pretrained(
-        "vae", str(DEMO_VAE_DIR) if config.vae == DEMO_VAE else config.vae,
+    value = str(DEMO_VAE_DIR) if config.vae == DEMO_VAE else config.vae
+    subfolder = config.vae_subfolder
+    if subfolder is None and not (Path(value) / "config.json").exists() and (Path(value) / "vae" / "config.json").exists():
+        subfolder = "vae"  # a local copy of a whole pipeline repo (FLUX.1-dev's), its VAE where the repo keeps it
+    vae, info = _from_pretrained(
+        "vae", value,
         # low_cpu_mem_usage=False: no warning about accelerate on every load (see trainer.checkpoint.load_model)
-        lambda src, token: AutoencoderKL.from_pretrained(src, subfolder=config.vae_subfolder, torch_dtype=dtype,
-                                                         token=token, low_cpu_mem_usage=False),
+        lambda src, token: AutoencoderKL.from_pretrained(src, subfolder=subfolder, torch_dtype=dtype, token=token,
+                                                         low_cpu_mem_usage=False, output_loading_info=True),
     )
+    return _check_complete("vae", value, vae, info)
 
 
 def load_text_encoder(name: str, config: EncodersConfig, dtype: torch.dtype = torch.float32):
@@ -219,7 +238,9 @@ def load_text_encoder(name: str, config: EncodersConfig, dtype: torch.dtype = to
 
     model_cls = CLIPTextModelWithProjection if name == "clip" else AutoModel
     tokenizer = _from_pretrained(name, value, lambda src, token: AutoTokenizer.from_pretrained(src, token=token))
-    model = _from_pretrained(name, value, lambda src, token: model_cls.from_pretrained(src, dtype=dtype, token=token))
+    model, info = _from_pretrained(name, value, lambda src, token: model_cls.from_pretrained(
+        src, dtype=dtype, token=token, output_loading_info=True))
+    _check_complete(name, value, model, info)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         # Padding rows are masked and zeroed, so which id fills them does not matter.

@@ -1,7 +1,7 @@
 r"""`sd3 eval`: FID (and a CLIP score) of a checkpoint's images for a prompt list, against reference images.
 
     sd3 eval --checkpoint demo_data/runs/demo --prompts prompts.txt --reference data/buckets/256 \
-        --inception weights/pt_inception-2015-12-05-6726825d.pth --clip weights/clip-vit-base-patch32 \
+        --inception weights/weights-inception-2015-12-05-6726825d.pth --clip weights/clip-vit-base-patch32 \
         --out report.json
 
 --prompts: one prompt per line. --reference: a folder of images, or a bucketed parquet shard or folder
@@ -31,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
     parser.add_argument("--reference", required=True, type=Path, help="image folder, parquet shard or folder of shards")
     parser.add_argument("--out", required=True, type=Path, help="report JSON")
-    parser.add_argument("--inception", type=Path, help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    parser.add_argument("--inception", type=Path, help="FID Inception-v3 weights: torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
     parser.add_argument("--clip", type=Path, help="local CLIP folder for the CLIP score (skipped when absent)")
     parser.add_argument("--reference-images", type=int, default=DEFAULT_REFERENCE_IMAGES,
                         help="read at most this many reference images, spread over the set")

@@ -1,16 +1,16 @@
 """FID and CLIP score of images generated from a checkpoint, against a reference set of real images.
 
-    evaluator = Evaluator(read_prompts("prompts.txt", "--prompts"), "buckets/256", inception="pt_inception.pth")
+    evaluator = Evaluator(read_prompts("prompts.txt", "--prompts"), "buckets/256", inception="weights/weights-inception-2015-12-05-6726825d.pth")
     report = evaluator.evaluate(Pipeline.from_checkpoint("demo_data/runs/demo"))  # {"fid": ..., ...}
 
 FID is torchmetrics' ``FrechetInceptionDistance``: the FID Inception-v3 of torch-fidelity with weights
-read from a local file (``pt_inception-2015-12-05-6726825d.pth``, the file torch-fidelity and pytorch-fid
-download; nothing is downloaded here), or any feature module given in code. The reference features come
-from at most ``reference_images`` images (10,000 by default) spread over the set, computed once per
-``Evaluator`` and kept, so evaluating every N training steps only pays for the generated images. The
-CLIP score (100 x the cosine of image and prompt embeddings, each pair floored at 0 as the CLIPScore
-paper defines it; torchmetrics floors the mean) needs a local transformers CLIP folder (model +
-processor).
+read from a local file (``weights-inception-2015-12-05-6726825d.pth``, the file torch-fidelity, and so
+torchmetrics, downloads from torch-fidelity's releases; nothing is downloaded here), or any feature module
+given in code. The reference features come from at most ``reference_images`` images (10,000 by default)
+spread over the set, computed once per ``Evaluator`` and kept, so evaluating every N training steps only
+pays for the generated images. The CLIP score (100 x the cosine of image and prompt embeddings, each
+pair floored at 0 as the CLIPScore paper defines it; torchmetrics floors the mean) needs a local
+transformers CLIP folder (model + processor).
 
 Reference sets: a folder of image files, or bucketed parquet (a shard, or a folder of shards) with an
 ``image`` column of encoded bytes. An image that cannot be decoded is counted with its reason, never
@@ -36,7 +36,7 @@ from etl.storage import VERIFY, CorruptShardError
 
 INCEPTION_SIZE = 299  # the FID Inception's input side
 INCEPTION_FEATURES = 2048  # its pool3 features, the standard FID layer
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FEATURE_BATCH = 32
 # Reference images an evaluation reads at most, spread over the set: FID-10k's size. A whole bucketed
 # dataset would take hours to decode, and in training the other ranks wait (topology.timeout_s).

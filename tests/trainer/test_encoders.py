@@ -152,6 +152,27 @@ def test_real_loading_path_from_saved_folders(tiny, tmp_path):
     assert recorded.config == config
 
 
+def test_a_local_copy_of_a_pipeline_repo_finds_its_vae_and_a_preset_vae_named_outright_keeps_its_subfolder(
+        tiny, tmp_path):
+    tiny.vae.save_pretrained(tmp_path / "FLUX.1-dev" / "vae")  # as a snapshot of the whole repo holds it
+    (tmp_path / "FLUX.1-dev" / "model_index.json").write_text("{}")
+    config = EncodersConfig(preset="tiny", vae=str(tmp_path / "FLUX.1-dev"), latents="mode")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    reference = Encoders(EncodersConfig(preset="tiny", latents="mode"))  # the weights saved above
+    torch.testing.assert_close(Encoders(config).encode_images(x), reference.encode_images(x))
+    assert EncodersConfig(preset="tiny", vae="black-forest-labs/FLUX.1-dev").vae_subfolder == "vae"
+
+
+def test_a_checkpoint_lacking_some_weights_is_refused_not_loaded_random(tiny, tmp_path):
+    from transformers import CLIPTextModel
+
+    CLIPTextModel(tiny.text_models["clip"].config).save_pretrained(tmp_path / "clip")  # no text_projection
+    tiny.tokenizers["clip"].save_pretrained(tmp_path / "clip")
+    with pytest.raises(ConfigError, match=r"encoders\.clip: .* has no weights for 1 tensors of "
+                                          r"CLIPTextModelWithProjection \(text_projection\.weight\)"):
+        Encoders(EncodersConfig(preset="tiny", clip=str(tmp_path / "clip")))
+
+
 def test_a_registered_preset_takes_a_local_vae_folder(tiny, tmp_path, monkeypatch):
     """The hook the demo uses: tiny text encoders with a VAE trained elsewhere, saved to a folder."""
     monkeypatch.setattr(encoders_module, "PRESETS", dict(encoders_module.PRESETS))
