@@ -21,7 +21,7 @@ from orchestration.cli import main as sd3
 from trainer.checkpoint import save_weights, step_folder
 from trainer.config import load_train_config
 from trainer.encoders import EncodersConfig
-from trainer import eval_cli
+from trainer import eval_cli, evaluation
 from trainer.evaluation import (
     DEFAULT_REFERENCE_IMAGES,
     FEATURE_BATCH,
@@ -220,7 +220,8 @@ def checkpoint(tmp_path_factory):
     return root
 
 
-def test_evaluator_scores_generated_images_and_reuses_the_reference_features(checkpoint, reference_folder, clip_folder):
+def test_evaluator_scores_generated_images_and_reuses_the_reference_features(checkpoint, reference_folder, clip_folder,
+                                                                             monkeypatch):
     evaluator = Evaluator(PROMPTS, reference_folder, clip=clip_folder, settings=SETTINGS,
                           feature_extractor=TinyFeatures(), feature_size=FEATURE_SIZE)
     pipeline = Pipeline.from_checkpoint(checkpoint)
@@ -232,9 +233,12 @@ def test_evaluator_scores_generated_images_and_reuses_the_reference_features(che
     assert np.isfinite(report["fid"]) and report["fid"] > 0
     assert 0 <= report["clip_score"] <= 100
 
-    # Same seed, same images; the reference features are kept, not added a second time.
+    # Same seed, same images; the reference features are kept, not added a second time. Generated a prompt
+    # at a time (as 10,000 prompts are, in chunks), the images are the same too.
+    monkeypatch.setattr(evaluation, "GENERATE_PROMPTS", 1)
     again = evaluator.evaluate(pipeline)
     assert again["fid"] == pytest.approx(report["fid"], rel=1e-5)
+    assert again["clip_score"] == pytest.approx(report["clip_score"], rel=1e-5) and again["generated"] == 4
     assert int(evaluator.fid.real_features_num_samples) == 6
 
     # The reference against itself is at distance ~0: the generated side is what moves the score.
