@@ -125,8 +125,8 @@ class Pipeline:
         for i, prompt in enumerate(prompts):
             velocity_fn = cfg_velocity(
                 self.model,
-                text[i : i + 1].expand(batch_size, -1, -1).to(dtype),
-                pooled[i : i + 1].expand(batch_size, -1).to(dtype),
+                text[i : i + 1].expand(batch_size, -1, -1).to(self.device, dtype),  # encoders may sit elsewhere
+                pooled[i : i + 1].expand(batch_size, -1).to(self.device, dtype),
                 cfg,
             )
             generator = torch.Generator(self.device).manual_seed(seed + i)
