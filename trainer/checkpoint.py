@@ -193,11 +193,18 @@ def staging_folder(checkpoint_dir: str | os.PathLike, step: int) -> Path:
 
 def clean_stale_writes(checkpoint_dir: str | os.PathLike) -> None:
     """Remove what a killed run left half-done: staging folders and temporary step folders. Call from one
-    rank before any rank starts training."""
+    rank before any rank starts training. A complete older copy of a step, moved aside by a run killed
+    before it moved the new one in (``atomic_step_folder``), goes back in place."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return
-    for path in checkpoint_dir.iterdir():
+    for path in sorted(checkpoint_dir.iterdir()):
+        if path.name.startswith(f".{STEP_PREFIX}") and path.name.endswith(".tmp.old"):
+            step_dir = checkpoint_dir / path.name[1:].split(".", 1)[0]
+            if not step_dir.exists():
+                path.rename(step_dir)
+                fsync_path(checkpoint_dir)
+                continue
         if path.name.startswith(STAGING_PREFIX) or (path.name.startswith(f".{STEP_PREFIX}") and ".tmp" in path.name):
             shutil.rmtree(path, ignore_errors=True)
 

@@ -217,6 +217,16 @@ def test_clean_stale_writes_keeps_complete_checkpoints(tmp_path):
     assert json.loads((tmp_path / "step_0000002" / "meta.json").read_text())["step"] == 2
 
 
+def test_a_step_moved_aside_by_a_run_killed_while_saving_it_again_goes_back_in_place(tmp_path):
+    model = tiny_model()
+    _save(tmp_path, 2, model)
+    (tmp_path / "step_0000002").rename(tmp_path / ".step_0000002.ab12.tmp.old")  # the old copy, aside
+    (tmp_path / ".step_0000002.cd34.tmp" / "model").mkdir(parents=True)  # the new one, never moved in
+    clean_stale_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000002"]
+    assert json.loads((tmp_path / "step_0000002" / "meta.json").read_text())["step"] == 2
+
+
 def test_prune_never_deletes_latest(tmp_path):
     for name in ("step_0000001", "step_0000002", "step_0000003"):
         (tmp_path / name / "model").mkdir(parents=True)
