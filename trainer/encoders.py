@@ -196,7 +196,7 @@ def _from_pretrained(setting: str, value: str, load):
         raise OSError(f"encoders.{setting}: cannot load {value!r}: {err}") from err
 
 
-def _check_complete(setting: str, value: str, model, loading_info: dict):
+def _check_complete(setting: str, value: str, model, loading_info: dict) -> None:
     """A checkpoint that lacks some of the model's weights would load them random, with only a printed
     report: frozen, they would condition every batch on noise (a CLIP text tower saved without its
     projection, another architecture's folder)."""
@@ -205,7 +205,6 @@ def _check_complete(setting: str, value: str, model, loading_info: dict):
         raise ConfigError(f"encoders.{setting}: {value!r} has no weights for {len(missing)} tensors of "
                           f"{type(model).__name__} ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): "
                           "is it the right model?")
-    return model
 
 
 def load_vae(config: EncodersConfig, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
@@ -225,7 +224,8 @@ def load_vae(config: EncodersConfig, dtype: torch.dtype = torch.float32) -> Auto
         lambda src, token: AutoencoderKL.from_pretrained(src, subfolder=subfolder, torch_dtype=dtype, token=token,
                                                          low_cpu_mem_usage=False, output_loading_info=True),
     )
-    return _check_complete("vae", value, vae, info)
+    _check_complete("vae", value, vae, info)
+    return vae
 
 
 def load_text_encoder(name: str, config: EncodersConfig, dtype: torch.dtype = torch.float32):

@@ -20,7 +20,6 @@ dropped silently.
 from __future__ import annotations
 
 import os
-import secrets
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from PIL import Image
 
 from etl.images import ImageRejected, decode, open_image, to_rgb
 from etl.storage import VERIFY, CorruptShardError
+from trainer.pipeline import resolve_seed
 
 INCEPTION_SIZE = 299  # the FID Inception's input side
 INCEPTION_FEATURES = 2048  # its pool3 features, the standard FID layer
@@ -296,8 +296,7 @@ class Evaluator:
         if self.reference_counts is None:
             self._add_reference()
         settings = asdict(self.settings)
-        if settings["seed"] == -1:  # one seed for the whole set, as one generate() call draws it
-            settings["seed"] = secrets.randbelow(2**31)
+        settings["seed"] = resolve_seed(settings["seed"])  # one seed for the whole set, as one generate() call
         self.fid.reset()  # drops the previous generated features only
         generated, scores = 0, []
         for first in range(0, len(self.prompts), GENERATE_PROMPTS):

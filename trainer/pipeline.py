@@ -36,6 +36,11 @@ def check_size(width: int, height: int, multiple: int) -> None:
             )
 
 
+def resolve_seed(seed: int) -> int:
+    """``seed``, or for -1 a random one (which the images then record)."""
+    return secrets.randbelow(2**31) if seed == -1 else seed
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> RGB images."""
     pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -112,7 +117,7 @@ class Pipeline:
         if max(width, height) > 2 * max_res:
             log.warning("sampling %dx%d, over twice the model's max_res of %d px: a model asked for images far larger "
                         "than it trained on tends to repeat objects or lose the layout", width, height, max_res)
-        seed = secrets.randbelow(2**31) if seed == -1 else seed
+        seed = resolve_seed(seed)
         log.info("sampling with seed %d (prompt i: seed + i)", seed)
 
         text, pooled = self.encoders.encode_text(prompts)
