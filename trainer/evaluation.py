@@ -149,10 +149,19 @@ def iter_reference(source: str | os.PathLike, setting: str = "--reference",
         yield _decoded(files[i].read_bytes())
 
 
+def _centre_square(image: Image.Image) -> Image.Image:
+    # Cropped before resizing: ImageOps.fit resizes from a box and so blends in pixels outside the square.
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
 def to_batch(images: list[Image.Image], size: int) -> torch.Tensor:
-    """(N, 3, size, size) uint8. Squashed to a square with PIL's bicubic filter, as clean-fid does: feature
-    networks take one square size, and a batch needs one shape whatever the buckets' aspect ratios."""
-    pixels = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for im in images])
+    """(N, 3, size, size) uint8: each image's centre square, resized with PIL's bicubic filter. Feature
+    networks take one square size. Cropping rather than squashing, as text-to-image FID on COCO does, keeps
+    the shapes of the buckets' wide and tall images; a square generated image is only resized."""
+    pixels = np.stack([np.asarray(_centre_square(im).convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+                       for im in images])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 

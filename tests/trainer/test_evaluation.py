@@ -161,9 +161,15 @@ def test_reference_parquet_shard_and_folder(tmp_path):
         list(iter_reference(tmp_path / "empty"))
 
 
-def test_to_batch_squashes_any_aspect_ratio_to_uint8_squares():
-    batch = to_batch([shape_image("red", (48, 32), 0), Image.new("L", (16, 80), 128)], FEATURE_SIZE)
-    assert batch.shape == (2, 3, FEATURE_SIZE, FEATURE_SIZE) and batch.dtype == torch.uint8
+def test_to_batch_takes_the_centre_square_of_any_aspect_ratio_as_uint8():
+    wide = Image.new("RGB", (96, 32), "red")
+    wide.paste("blue", (32, 0, 64, 32))
+    tall = Image.new("L", (16, 80), 128)
+    tall.paste(0, (0, 0, 16, 32))
+    batch = to_batch([wide, tall, shape_image("red", (48, 48), 0)], FEATURE_SIZE)
+    assert batch.shape == (3, 3, FEATURE_SIZE, FEATURE_SIZE) and batch.dtype == torch.uint8
+    # Only the blue middle third of the wide image and the grey lower part of the tall one remain.
+    assert batch[0].flatten(1).unique(dim=1).tolist() == [[0], [0], [255]]
     assert batch[1].unique().tolist() == [128]
 
 
