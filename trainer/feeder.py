@@ -57,7 +57,7 @@ class Feeder:
         for size, count in self.sampler.dropped_buckets.items():
             log.warning("bucket %s has %d images, fewer than a batch of %d: dropped", size, count, self.chunk_size * num_chunks)
         self.encoders = Encoders(cfg.encoders, device=device)
-        self.generator = torch.Generator(device).manual_seed(cfg.train.seed * 7919 + replica)
+        self.generator = torch.Generator(device).manual_seed(fresh_seed(cfg.train.seed, "vae", 0, replica))
         self.batches_done = 0
         if state is not None:
             replanned = self.sampler.load_state_dict(state["sampler"])
@@ -94,11 +94,11 @@ class Feeder:
 
     def encode_validation(self, plan: ValidationPlan, batch_ids: list[int]) -> list[dict[str, torch.Tensor]]:
         """The validation batches ``batch_ids`` of ``plan``, encoded. Captions chosen with seed 0 and the VAE
-        sampled from a generator seeded by the batch number: the same inputs whatever the run's seed."""
+        sampled from a stream of its own per batch number: the same inputs whatever the run's seed."""
         dataset = BucketBatches(self.cfg.data.root, self.cfg.data.resolution, plan.index,
                                 self.cfg.data.detailed_caption_prob, seed=0)
-        return [self.encode(dataset[plan.batches[i]], generator=torch.Generator(self.device).manual_seed(i))
-                for i in batch_ids]
+        generators = {i: torch.Generator(self.device).manual_seed(fresh_seed(0, "validation-vae", i, 0)) for i in batch_ids}
+        return [self.encode(dataset[plan.batches[i]], generator=generators[i]) for i in batch_ids]
 
     def chunks(self, total_batches: int, on_checkpoint: Callable[[int, dict], None]) -> Iterator[list[dict]]:
         """Per batch, its ``num_chunks`` parts until ``total_batches`` batches were made in all (counting

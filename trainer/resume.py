@@ -56,7 +56,7 @@ def feeder_state(point: ResumePoint, accumulation_steps: int) -> dict:
 
 
 # The random streams a rank draws from, each seeded apart so no two of them repeat each other.
-STREAMS = ("cpu", "model", "vae")
+STREAMS = ("cpu", "model", "vae", "validation-vae")
 
 
 def fresh_seed(seed: int, stream: str, position: int, rank: int) -> int:

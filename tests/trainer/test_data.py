@@ -1,6 +1,7 @@
 import io
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,9 +14,13 @@ from etl.index import INDEX
 from etl.layout import DataLayout
 from etl.storage import read_parquet, write_parquet_atomic
 from tests.trainer.demo_dataset import build_demo_dataset
+from trainer.config import load_train_config
 from trainer.data import (BucketBatches, BucketSampler, DataError, EpochBatch, clean_caption, open_index, pick_caption,
                           to_unit_range)
+from trainer.feeder import Feeder
+from trainer.validation import plan_validation
 
+REPO = Path(__file__).resolve().parents[2]
 RESOLUTION = 64
 
 
@@ -353,3 +358,22 @@ def test_a_missing_caption_falls_back_to_the_other_then_the_alt_text():
     row = {"recaption": None, "recaption_short": " short one ", "caption": "alt"}
     assert pick_caption(row, detailed=True) == "short one"
     assert pick_caption({"recaption": "  ", "recaption_short": None, "caption": "alt  text"}, detailed=False) == "alt text"
+
+
+def test_a_replicas_vae_noise_is_not_a_validation_batchs(demo_root):
+    """At seed 0 replica r's training stream and validation batch r's stream once started from the same
+    seed: the model ranks then trained on the very noise draws their validation latents used."""
+    cfg = load_train_config(REPO / "configs/train/demo.yaml",
+                            [f"data.root={demo_root}", "train.batch_size=2", "train.seed=0", "data.num_workers=0"])
+    index = open_index(demo_root, RESOLUTION)
+    plan = plan_validation(index, images=8, batch_size=2)
+    validation, training = [], []
+    for replica in range(2):
+        feeder = Feeder(cfg, index, 1, replica, 2, torch.device("cpu"))
+        validation.append(feeder.encode_validation(plan, [replica])[0]["latents"])
+        item = BucketBatches(demo_root, RESOLUTION, plan.index, cfg.data.detailed_caption_prob, seed=0)[plan.batches[replica]]
+        training.append(feeder.encode(item)["latents"])  # the same images, through the replica's own stream
+    for replica in range(2):
+        assert not torch.equal(validation[replica], training[replica])
+        assert torch.equal(validation[replica], Feeder(cfg, index, 1, replica, 2, torch.device("cpu"))
+                           .encode_validation(plan, [replica])[0]["latents"])  # fixed whatever the replica
