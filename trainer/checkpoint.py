@@ -157,7 +157,9 @@ def load_model(
     folder = step_dir / "ema" if prefer_ema and (step_dir / "ema").is_dir() else step_dir / "model"
     # diffusers' default low_cpu_mem_usage wants accelerate and warns on every load without it; loading is
     # as fast without (a 300M-parameter MMDiT: 0.03 s either way).
-    model = MMDiT.from_pretrained(folder, low_cpu_mem_usage=False).to_inference_dtype(dtype)
+    # The attention backend is the training machine's choice, not the model's: a run trained with
+    # attention="flash" must still sample where flash-attn or CUDA is missing.
+    model = MMDiT.from_pretrained(folder, low_cpu_mem_usage=False, attention="auto").to_inference_dtype(dtype)
     return model.to(device).eval().requires_grad_(False)
 
 

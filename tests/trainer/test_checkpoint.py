@@ -39,6 +39,22 @@ def models():
     return random_tiny_mmdit(0), random_tiny_mmdit(1)
 
 
+def test_a_model_trained_with_flash_attention_samples_without_it(models, tmp_path):
+    model, _ = models
+    flash = MMDiT.from_preset("tiny", num_blocks=2, attention="flash")
+    flash.load_state_dict(model.state_dict())
+    save_weights(step_folder(tmp_path, 1), flash, None, EncodersConfig(preset="tiny"), {"step": 1})
+    loaded = load_model(tmp_path)
+    assert loaded.mmdit_config.attention == "auto"
+    cfg = loaded.mmdit_config
+    x, t = torch.randn(1, cfg.in_channels, 8, 8), torch.rand(1)
+    text, pooled = torch.randn(1, 2 * cfg.text_len_per_encoder, cfg.text_dim), torch.randn(1, cfg.pooled_dim)
+    assert_same_weights(loaded, model)
+    with torch.no_grad():
+        expected = model.eval()(x, t, text, pooled)  # large values (random weights): equal up to rounding
+        torch.testing.assert_close(loaded(x, t, text, pooled), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
 def test_round_trip_is_bit_exact_and_prefers_ema(models, tmp_path):
     model, ema = models
     encoders = EncodersConfig(preset="tiny", seed=3)
