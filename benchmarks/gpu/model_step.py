@@ -37,9 +37,10 @@ from trainer.flow import CFGDropout, flow_loss  # noqa: E402
 from trainer.model import MMDiT, MMDiTConfig, flash_attn_func  # noqa: E402
 
 VAE_DOWNSAMPLE = 8
-# Dense bf16 spec peaks; the first name contained in the device's name wins.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800": 989.0, "H200": 989.0,
-                    "GH200": 989.0, "A100": 312.0}
+# Dense bf16 spec peaks; the first name contained in the device's name wins, so the PCIe and NVL parts
+# (lower clocks) come before the SXM name they contain.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H800 PCIe": 756.0, "H200 NVL": 835.0, "H100": 989.0,
+                    "H800": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
 # A row needs about this long at least (compiling its graphs, or the eager steps): one with less time left
 # before --deadline-s is listed as skipped instead of being cut off by the caller's timeout.
 MIN_ROW_S = {"compiled": 40.0, "eager": 10.0}
@@ -267,7 +268,8 @@ def main(argv=None) -> int:
     with torch.device("meta"):
         params = sum(p.numel() for p in MMDiT.from_preset(args.preset).parameters())
     print(f"# {args.preset} ({params:,} parameters) training step on {device_name}, torch {torch.__version__}, "
-          f"flash-attn {'installed' if flash_attn_func is not None else 'not installed'}")
+          f"flash-attn {'installed' if flash_attn_func is not None else 'not installed'}, "
+          f"MFU against {f'{peak:g} TFLOP/s' if peak else 'no known peak (--peak-tflops)'}")
     print(FLOPS_FORMULA)
     if flash_installed:
         try:
