@@ -7,6 +7,7 @@ unknown keys, wrong types and invalid values are errors that name the key, never
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -80,9 +81,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 (PyYAML) reads 1e-4, without a dot, as a string
+            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-4, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        # NaN passes every range check (all comparisons are false): a NaN clip or rate trained to NaN.
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

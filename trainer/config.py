@@ -123,7 +123,7 @@ class CheckpointSection:
 class TopologySection:
     # {loader rank: [model ranks]}; when unset, derived from WORLD_SIZE and models_per_loader.
     loader_to_model: dict[int, list[int]] | None = None
-    models_per_loader: int | None = 3
+    models_per_loader: int | None = None  # without a map: 3, the reference's
     colocated: bool = False  # every rank encodes its own data (one GPU, a laptop)
     prefetch: int = 2  # batches a loader keeps in flight per model rank; its receiver queues as many and holds one more
     timeout_s: float = 300.0  # collectives and point-to-point
@@ -133,9 +133,13 @@ class TopologySection:
     startup_timeout_s: float = 1800.0
 
     def __post_init__(self):
+        if self.loader_to_model is not None and self.models_per_loader is not None:
+            raise ConfigError(f"models_per_loader: {self.models_per_loader} and loader_to_model {self.loader_to_model} "
+                              "both say how many model ranks a loader feeds: give one (loader_to_model=null derives "
+                              "the map from WORLD_SIZE and models_per_loader)")
         if self.loader_to_model is None and not self.colocated:
             if self.models_per_loader is None:
-                raise ConfigError("models_per_loader: set it or loader_to_model")
+                self.models_per_loader = 3
             _at_least(self, 1, "models_per_loader")
         _at_least(self, 1, "prefetch")
         if self.timeout_s <= 0:

@@ -107,6 +107,9 @@ def test_dotted_overrides_parse_yaml_values(tmp_path, monkeypatch):
         ("encoders.text_batch_tokens=0", "encoders.text_batch_tokens: must be positive"),
         ("model.overrides.num_heads=3", "num_heads"),
         ("topology.prefetch=0", "topology.prefetch"),
+        ("train.grad_clip=.nan", "train.grad_clip: expected a finite number"),
+        ("topology.timeout_s=.inf", "topology.timeout_s: expected a finite number"),
+        ("train.lr=1e999", "train.lr: expected a finite number"),
         ("train.total_steps", "section.key=value"),
         ("train.total_steps.x=1", "train.total_steps"),
     ],
@@ -115,6 +118,15 @@ def test_bad_values_and_unknown_keys_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")) as err:
         load_train_config(_write(tmp_path, MINIMAL), [override])
     assert not re.search(r"\b(\w+)\.\1\.", str(err.value)), err.value  # a section named once, not twice
+
+
+def test_a_loader_map_and_a_models_per_loader_are_not_both_taken(tmp_path):
+    recipe = Path(__file__).parents[2] / "configs" / "train" / "reference-256.yaml"
+    with pytest.raises(ConfigError, match="topology.models_per_loader: 2 and loader_to_model .* give one"):
+        load_train_config(recipe, ["topology.models_per_loader=2"])
+    derived = load_train_config(recipe, ["topology.loader_to_model=null", "topology.models_per_loader=2"])
+    assert (derived.topology.loader_to_model, derived.topology.models_per_loader) == (None, 2)
+    assert load_train_config(_write(tmp_path, MINIMAL)).topology.models_per_loader == 3
 
 
 def test_missing_required_key_and_missing_file_are_named(tmp_path):
