@@ -24,9 +24,11 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
+from etl.config import ConfigError
 from trainer.config import TrainConfig
 from trainer.data import BucketBatches, BucketSampler, to_unit_range
 from trainer.encoders import SEQUENCE_ENCODERS, Encoders
+from trainer.model import MMDiTConfig
 from trainer.prefetch import Prefetcher
 from trainer.resume import fresh_seed
 from trainer.transport import SendWaits, pack_batch, send_batch, send_end, send_error
@@ -57,6 +59,7 @@ class Feeder:
         for size, count in self.sampler.dropped_buckets.items():
             log.warning("bucket %s has %d images, fewer than a batch of %d: dropped", size, count, self.chunk_size * num_chunks)
         self.encoders = Encoders(cfg.encoders, device=device)
+        _check_model_reads(self.encoders, cfg.model.mmdit_config())
         self.generator = torch.Generator(device).manual_seed(fresh_seed(cfg.train.seed, "vae", 0, replica))
         self.batches_done = 0
         if state is not None:
@@ -128,6 +131,16 @@ class Feeder:
             if not rest and is_checkpoint_step(step, self.cfg.checkpoint.every, self.cfg.train.total_steps):
                 on_checkpoint(step, self.snapshot())
             yield parts
+
+
+def _check_model_reads(encoders: Encoders, model: MMDiTConfig) -> None:
+    # Only the loaded encoders know their widths; the model ranks would otherwise fail on their first batch.
+    for name, model_value, encoder_value, source in (
+        ("in_channels", model.in_channels, encoders.latent_channels, "the VAE's latent channels"),
+        ("pooled_dim", model.pooled_dim, encoders.pooled_dim, "the CLIP text encoder's projection width"),
+    ):
+        if model_value != encoder_value:
+            raise ConfigError(f"model.overrides.{name}: {model_value} does not match {source}, {encoder_value}")
 
 
 def run_loader(cfg: TrainConfig, models: list[int], replica: int, num_replicas: int, index: pa.Table,

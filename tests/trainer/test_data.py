@@ -1,4 +1,5 @@
 import io
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from etl.config import ConfigError
 from etl.index import INDEX
 from etl.layout import DataLayout
 from etl.storage import read_parquet, write_parquet_atomic
@@ -377,3 +379,13 @@ def test_a_replicas_vae_noise_is_not_a_validation_batchs(demo_root):
         assert not torch.equal(validation[replica], training[replica])
         assert torch.equal(validation[replica], Feeder(cfg, index, 1, replica, 2, torch.device("cpu"))
                            .encode_validation(plan, [replica])[0]["latents"])  # fixed whatever the replica
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.overrides.pooled_dim=100", "model.overrides.pooled_dim: 100 does not match the CLIP text encoder's projection width, 64"),
+    ("model.overrides.in_channels=4", "model.overrides.in_channels: 4 does not match the VAE's latent channels, 16"),
+])
+def test_a_model_that_cannot_read_the_encoders_output_fails_at_the_loaders_start(demo_root, override, message):
+    cfg = load_train_config(REPO / "configs/train/demo.yaml", [f"data.root={demo_root}", override])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Feeder(cfg, open_index(demo_root, RESOLUTION), 1, 0, 1, torch.device("cpu"))
