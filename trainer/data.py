@@ -260,13 +260,17 @@ def pick_caption(row: dict, detailed: bool) -> str:
     return ""
 
 
-def decode_image(data: bytes, height: int, width: int, key: str) -> torch.Tensor:
-    """(3, height, width) uint8 RGB; a wrong size means the index and the shards disagree."""
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB")
+def decode_image(data: bytes, height: int, width: int, where: str) -> torch.Tensor:
+    """(3, height, width) uint8 RGB of the image ``where`` names; a wrong size means the index and the shards
+    disagree. The bucket step checked every image whole, so one that does not decode is a damaged shard."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # what PIL's decoders raise
+        raise DataError(f"image {where} cannot be decoded ({err}): rebuild that bucketed partition and the index") from err
     if rgb.size != (width, height):
         raise DataError(
-            f"image {key} is {rgb.width}x{rgb.height} (w x h) but the index says {width}x{height}: rebuild the index"
+            f"image {where} is {rgb.width}x{rgb.height} (w x h) but the index says {width}x{height}: rebuild the index"
         )
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
 
@@ -354,7 +358,8 @@ class BucketBatches(Dataset):
                 raise DataError(
                     f"index row {r} names key {key} but its shard row holds {record['key']}: rebuild the index"
                 )
-            images.append(decode_image(record["image"], int(self._height[r]), int(self._width[r]), key))
+            where = f"{key} (bucket shard {self.resolution}/{self._shard_names[self._shard[r]]}, row {self._row[r]})"
+            images.append(decode_image(record["image"], int(self._height[r]), int(self._width[r]), where))
             detailed = choose_detailed(self.seed, key, epoch, self.detailed_caption_prob)
             captions.append(pick_caption(record, detailed))
             keys.append(key)

@@ -248,6 +248,22 @@ def test_a_corrupt_bucket_shard_is_named(demo_root, tmp_path):
         dataset[[0]]
 
 
+def test_an_image_that_does_not_decode_is_named_with_its_shard_and_row(demo_root, tmp_path):
+    root = tmp_path / "damaged"
+    shutil.copytree(demo_root, root)
+    index = open_index(root, RESOLUTION)
+    row = index.slice(3, 1).to_pylist()[0]
+    path = root / "buckets" / str(RESOLUTION) / row["shard"]
+    table = read_parquet(path)
+    images = table["image"].to_pylist()
+    images[row["row"]] = images[row["row"]][: len(images[row["row"]]) // 2]  # a body cut short, checksums intact
+    write_parquet_atomic(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())), path)
+    dataset = BucketBatches(root, RESOLUTION, index, detailed_caption_prob=0.5, seed=0)
+    where = f"image {row['key']} (bucket shard {RESOLUTION}/{row['shard']}, row {row['row']}) cannot be decoded"
+    with pytest.raises(DataError, match=re.escape(where) + ".*rebuild that bucketed partition"):
+        dataset[[3]]
+
+
 def test_open_index_errors_say_what_is_missing(demo_root, tmp_path):
     assert open_index(demo_root, RESOLUTION).num_rows == 48
     with pytest.raises(DataError, match="nowhere does not exist: build it with the data pipeline .sd3 data run"):
