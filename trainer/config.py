@@ -85,6 +85,9 @@ class TrainSection:
     t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     t_mean: float = 0.0
     t_std: float = 1.0
+    # SD3's timestep shift towards noise: a number (1: none), or "resolution", sqrt(pixels / 256^2) of each
+    # batch's bucket, so larger images keep the noise level per area of a 256 px one.
+    t_shift: float | Literal["resolution"] = 1.0
     null_prob_pooled: float = 0.1
     null_prob_text: list[float] = field(default_factory=lambda: [0.316, 0.316])  # per sequence encoder
 
@@ -101,6 +104,8 @@ class TrainSection:
             raise ConfigError(f"grad_clip: must be positive, got {self.grad_clip}")
         if self.t_std <= 0:
             raise ConfigError(f"t_std: must be positive, got {self.t_std}")
+        if self.t_shift != "resolution" and self.t_shift <= 0:
+            raise ConfigError(f"t_shift: must be positive (1 for none) or 'resolution', got {self.t_shift}")
         _probability(self.null_prob_pooled, "null_prob_pooled")
         for i, p in enumerate(self.null_prob_text):
             _probability(p, f"null_prob_text[{i}]")

@@ -31,10 +31,10 @@ from trainer.checkpoint import (
     wait_for_rank_states,
     checkpoint_metadata,
 )
-from trainer.config import TrainConfig
+from trainer.config import VAE_DOWNSAMPLING, TrainConfig
 from trainer.ema import EMA
 from trainer.feeder import LocalFeeder, is_checkpoint_step
-from trainer.flow import CFGDropout, flow_loss
+from trainer.flow import CFGDropout, flow_loss, resolution_shift
 from trainer.lr_schedule import apply_optimizer_settings, build_scheduler, continue_schedule
 from trainer.metrics import MetricsLogger
 from trainer.model import MMDiT, MMDiTConfig
@@ -90,6 +90,13 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
     return MMDiT.from_pretrained(folder, low_cpu_mem_usage=False).state_dict()  # see checkpoint.load_model
+
+
+def timestep_shift(setting: float | str, latent_shape: torch.Size) -> float:
+    """``train.t_shift`` for a batch of latents (B, C, h, w): the number, or SD3's shift for its pixel size."""
+    if setting != "resolution":
+        return float(setting)
+    return resolution_shift(latent_shape[-2] * VAE_DOWNSAMPLING, latent_shape[-1] * VAE_DOWNSAMPLING)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, init_from: Path | None = None) -> MMDiT:
@@ -213,7 +220,8 @@ def train_model_rank(cfg: TrainConfig, ctx: ModelRankContext) -> None:
                 with sync:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss, _ = flow_loss(ddp, batch["latents"], batch["text"], batch["pooled"], generator, drop,
-                                            cfg.train.t_sampling, cfg.train.t_mean, cfg.train.t_std)
+                                            cfg.train.t_sampling, cfg.train.t_mean, cfg.train.t_std,
+                                            timestep_shift(cfg.train.t_shift, batch["latents"].shape))
                     (loss / accumulation).backward()
                 loss_sum += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

@@ -108,6 +108,8 @@ def test_dotted_overrides_parse_yaml_values(tmp_path, monkeypatch):
         ("model.overrides.num_heads=3", "num_heads"),
         ("topology.prefetch=0", "topology.prefetch"),
         ("train.grad_clip=.nan", "train.grad_clip: expected a finite number"),
+        ("train.t_shift=0", "train.t_shift: must be positive"),
+        ("train.t_shift=resolutions", "train.t_shift"),
         ("topology.timeout_s=.inf", "topology.timeout_s: expected a finite number"),
         ("train.lr=1e999", "train.lr: expected a finite number"),
         ("train.total_steps", "section.key=value"),

@@ -25,6 +25,7 @@ from trainer.checkpoint import (
 from trainer.ema import EMA
 from trainer.encoders import EncodersConfig
 from trainer.feeder import is_checkpoint_step
+from trainer.loop import timestep_shift
 from trainer.lr_schedule import WarmupSchedule, apply_optimizer_settings, build_scheduler, continue_schedule
 from trainer.metrics import KEYS, MetricsLogger, WandbWindow, read_metrics
 from trainer.model import MMDiT
@@ -89,6 +90,13 @@ def test_a_resumed_schedule_follows_changed_settings_and_keeps_unchanged_ones_to
     assert changes == ["lr 0.001 -> 0.0005", "total_steps 10 -> 20", "betas (0.9, 0.999) -> (0.9, 0.95)"]
     assert longer[0] == pytest.approx(5e-4 * WarmupSchedule(2, 20, "cosine", 1e-4 / 5e-4)(4))
     assert longer[-1] == pytest.approx(1e-4)
+
+
+def test_the_timestep_shift_is_the_number_given_or_sd3s_for_the_batchs_pixels():
+    assert timestep_shift(3.0, torch.Size([2, 16, 32, 32])) == 3.0
+    assert timestep_shift("resolution", torch.Size([2, 16, 32, 32])) == 1.0  # 256 x 256 px: the base
+    assert timestep_shift("resolution", torch.Size([2, 16, 64, 64])) == 2.0
+    assert timestep_shift("resolution", torch.Size([2, 16, 32, 64])) == pytest.approx(math.sqrt(2))
 
 
 def test_ema_moves_only_every_n_steps():
