@@ -291,6 +291,23 @@ def test_gpu_benchmark_flop_formula_matches_torch_flop_counter(mlp):
     assert 2 * forward_flops(cfg, 48, 80) == counter.get_total_flops()
 
 
+@pytest.mark.parametrize("pixels", [256, 512])
+def test_gpu_benchmark_flop_formula_counts_the_reference_model_the_counter_does(pixels):
+    """On the meta device: shapes and FLOPs without the memory or the time of 1.2B parameters."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = MMDiT.from_preset("reference-1.2b")
+        cfg = model.mmdit_config
+        inputs = (torch.randn(1, cfg.in_channels, pixels // 8, pixels // 8), torch.rand(1),
+                  torch.randn(1, cfg.text_len, cfg.text_dim), torch.randn(1, cfg.pooled_dim))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(*inputs)
+    assert _gpu_benchmark().forward_flops(cfg, pixels, pixels) == counter.get_total_flops()  # one image
+
+
 def test_gpu_benchmark_smoke_run_prints_a_table_and_exits_zero(capsys):
     assert _gpu_benchmark().main(["--smoke"]) == 0
     out = capsys.readouterr().out
