@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 STAGE = "recaption"
 # Settings that change what a caption says; a change discards the chunks of an interrupted run.
 _RUNTIME_ONLY = ("batch_size", "chunk_rows", "device", "vllm_gpu_memory_utilization")
+# Failures that may say more about the backend at that moment (an OOM, an engine that died mid-chunk) than
+# about the row: a later run captions such rows again instead of reusing the failure.
+RETRIED_KINDS = frozenset({"backend_error"})
 
 
 @dataclass
@@ -71,13 +74,16 @@ def _failed(key: str, kind: str, message: str, reason: str = "caption_failed") -
 class _RowIsolation:
     """Runs a captioner call on a batch and, when the batch raises, on each of its rows alone: a row the
     model cannot take (a processor refusing an odd image, an OOM on one long prompt) then fails by itself,
-    instead of failing the shard on every retry. While no row has worked, an error is the backend's (no
-    GPU, a broken model), not a row's: it is raised."""
+    instead of failing the shard on every retry. While no row of the pass has worked, an error is the
+    backend's (no GPU, a broken model, an engine that died), not a row's: it is raised, unless every row
+    failing is one that failed alone in an earlier run too (``retried``), which says nothing of the backend.
+    One isolation serves one pass: the VLM having worked says nothing of the LLM."""
 
-    def __init__(self):
+    def __init__(self, retried: frozenset[str]):
+        self.retried = retried
         self.any_worked = False
 
-    def __call__(self, call: Callable[..., list[str]], *columns: list) -> list[str | Exception]:
+    def __call__(self, keys: list[str], call: Callable[..., list[str]], *columns: list) -> list[str | Exception]:
         try:
             results = call(*columns)
             self.any_worked = True
@@ -91,7 +97,7 @@ class _RowIsolation:
                 self.any_worked = True
             except Exception as err:  # noqa: BLE001 -- this row's failure, recorded as its rejection
                 results.append(err)
-        if not self.any_worked:
+        if not self.any_worked and not self.retried.issuperset(keys):
             raise batch_error
         log.warning("recaption: a batch of %d failed (%s: %s); %d of its rows failed alone", len(results),
                     type(batch_error).__name__, batch_error, sum(isinstance(r, Exception) for r in results))
@@ -102,8 +108,13 @@ def _backend_error(err: Exception) -> Verdict:
     return Verdict(None, "backend_error", f"{type(err).__name__}: {err}")
 
 
-def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig) -> list[dict]:
-    """Outcome rows (``OUTCOMES`` less the input fingerprint) for rows with key, caption and image, in order."""
+def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig,
+                 retried: frozenset[str] = frozenset()) -> list[dict]:
+    """Outcome rows (``OUTCOMES`` less the input fingerprint) for rows with key, caption and image, in order.
+
+    ``retried``: the keys whose captioning failed alone on a backend error in an earlier run; their
+    failing again is their own rejection, not the shard's failure.
+    """
     outcomes: dict[str, dict] = {}
     alts = {row["key"]: clean_alt_text(row["caption"]) for row in rows}
     smoke = isinstance(captioner, AltTextCaptioner)
@@ -120,11 +131,11 @@ def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig) -
         except Exception as err:  # noqa: BLE001 -- any decoder error is this row's rejection, not the shard's
             outcomes[row["key"]] = _failed(row["key"], "undecodable", f"{type(err).__name__}: {err}")
 
-    isolated = _RowIsolation()
+    isolated = _RowIsolation(retried)
     detailed: dict[str, str] = {}
     for start in range(0, len(keys), cfg.batch_size):
         batch = keys[start : start + cfg.batch_size]
-        raw = isolated(captioner.detailed, images[start : start + cfg.batch_size], [alts[k] for k in batch])
+        raw = isolated(batch, captioner.detailed, images[start : start + cfg.batch_size], [alts[k] for k in batch])
         if smoke:
             # Smoke runs keep any alt text: only an empty one is unusable.
             verdicts = [Verdict(text) if text else Verdict(None, "empty", "no usable alt text") for text in raw]
@@ -139,9 +150,10 @@ def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig) -
                 outcomes[key] = _failed(key, verdict.kind, f"{verdict.message} (detailed caption)")
 
     keys = list(detailed)
+    isolated = _RowIsolation(retried)
     for start in range(0, len(keys), cfg.batch_size):
         batch = keys[start : start + cfg.batch_size]
-        raw = isolated(captioner.shorten, [detailed[k] for k in batch])
+        raw = isolated(batch, captioner.shorten, [detailed[k] for k in batch])
         verdicts = [Verdict(text) for text in raw] if smoke else _judged(raw, judge_short)
         for key, verdict in zip(batch, verdicts, strict=True):
             if verdict.caption is None:
@@ -197,7 +209,11 @@ def _recaption_claimed(table: pa.Table, keys: list[str], cfg: RecaptionConfig, w
     fingerprints = dict(zip(keys, input_fingerprints(table), strict=True))
     earlier = chunks.finished()
     earlier_rows = list(zip(earlier["key"].to_pylist(), earlier["input"].to_pylist()))
-    done = {key for key, fingerprint in earlier_rows if fingerprints.get(key) == fingerprint}
+    latest = [row for row in _current_outcomes(earlier, fingerprints).to_pylist() if row["key"] in fingerprints]
+    retried = frozenset(row["key"] for row in latest if _failure_kind(row) in RETRIED_KINDS)
+    done = {row["key"] for row in latest} - retried
+    if retried:
+        log.info("recaption: %d rows of %s failed on a backend error before; captioned again", len(retried), work_dir)
     changed = {key for key, fingerprint in earlier_rows if key in fingerprints and fingerprints[key] != fingerprint}
     if changed:
         # Keys are row positions in a source: a rebuilt source may give a key another image or alt text.
@@ -211,7 +227,7 @@ def _recaption_claimed(table: pa.Table, keys: list[str], cfg: RecaptionConfig, w
         for start in range(0, len(todo), cfg.chunk_rows):
             rows = table.select(["key", "caption", "image"]).take(todo[start : start + cfg.chunk_rows]).to_pylist()
             outcomes = [{**outcome, "input": fingerprints[outcome["key"]]}
-                        for outcome in caption_rows(rows, captioner, cfg)]
+                        for outcome in caption_rows(rows, captioner, cfg, retried)]
             chunks.append(pa.Table.from_pylist(outcomes, schema=OUTCOMES))
             if progress:
                 progress(len(done) + min(start + cfg.chunk_rows, len(todo)), len(keys))
@@ -231,6 +247,13 @@ def _current_outcomes(finished: pa.Table, fingerprints: dict[str, str]) -> pa.Ta
         if fingerprints.get(key, fingerprint) == fingerprint:
             last[key] = row
     return finished.take(pa.array(sorted(last.values()), pa.int64()))
+
+
+def _failure_kind(outcome: dict) -> str | None:
+    """A failed row's kind (``RecaptionStats.failures``); None for a captioned row."""
+    if outcome["reason"] is None:
+        return None
+    return "empty_caption" if outcome["reason"] == "empty_caption" else outcome["detail"].split(":", 1)[0]
 
 
 def _assemble(table: pa.Table, outcomes: pa.Table, fingerprints: dict[str, str], resumed: int, seconds: float,
@@ -256,9 +279,7 @@ def _assemble(table: pa.Table, outcomes: pa.Table, fingerprints: dict[str, str],
         [row["detail"] for row in bad],
     )
 
-    failures = Counter(
-        "empty_caption" if row["reason"] == "empty_caption" else row["detail"].split(":", 1)[0] for row in bad
-    )
+    failures = Counter(_failure_kind(row) for row in bad)
     detailed_words = [word_count(rows[i]["recaption"]) for i in ok]
     short_words = [word_count(rows[i]["recaption_short"]) for i in ok]
     stats = RecaptionStats(

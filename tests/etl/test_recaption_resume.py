@@ -227,6 +227,61 @@ def test_a_row_the_backend_rejects_fails_alone_and_a_broken_backend_fails_the_sh
     assert not list((tmp_path / "broken").glob("chunk-*.parquet"))
 
 
+class LLMDiesAfter:
+    """A backend whose VLM works and whose LLM answers ``calls`` calls (all of them if None), then raises on
+    every one, as a vLLM engine that died or a CUDA OOM that stays does."""
+
+    def __init__(self, calls: int | None):
+        self.calls = calls
+
+    def detailed(self, images, alt_texts):
+        return [f"A photo of {alt or 'something'} in bright colours." for alt in alt_texts]
+
+    def shorten(self, captions):
+        if self.calls == 0:
+            raise RuntimeError("CUDA out of memory")
+        if self.calls is not None:
+            self.calls -= 1
+        return [caption.replace("bright ", "") for caption in captions]
+
+
+def test_an_llm_failing_on_every_row_of_a_chunk_fails_the_run_after_the_vlm_worked(tmp_path):
+    table, work = _shard(8), tmp_path / "work"
+    cfg = RecaptionConfig(backend="transformers", batch_size=4, chunk_rows=4)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        recaption_shard(table, cfg, work, captioner=LLMDiesAfter(0))
+    assert not list(work.glob("chunk-*.parquet"))
+    # The first chunk done, the LLM dies on the second: the chunk done stays, the other is no one's rejection.
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        recaption_shard(table, cfg, work, captioner=LLMDiesAfter(1))
+    assert read_parquet(next(work.glob("chunk-*.parquet")))["reason"].to_pylist() == [None] * 4
+    result = recaption_shard(table, cfg, work, captioner=LLMDiesAfter(None))
+    assert result.stats.resumed == 4 and result.kept.num_rows == 8 and result.rejects.num_rows == 0
+
+
+def test_rows_failed_on_a_backend_error_are_captioned_again_by_a_later_run(tmp_path):
+    table, work = _shard(8), tmp_path / "work"
+    cfg = RecaptionConfig(backend="transformers", batch_size=4, chunk_rows=8)
+    first = recaption_shard(table, cfg, work, captioner=LLMDiesAfter(1))  # dies mid-chunk, after one batch
+    assert first.kept.num_rows == 4 and first.stats.failures == {"backend_error": 4}
+
+    again = recaption_shard(table, cfg, work, captioner=LLMDiesAfter(None))
+    assert again.rejects.num_rows == 0 and again.stats.resumed == 4 and again.stats.captioned == 8
+    assert again.kept.equals(recaption_shard(table, cfg, tmp_path / "fresh", captioner=LLMDiesAfter(None)).kept)
+    assert len(list(work.glob("chunk-*.parquet"))) == 1
+    assert recaption_shard(table, cfg, work, captioner=object()).stats.resumed == 8
+
+
+def test_a_row_that_fails_alone_again_is_rejected_again_not_the_shard(tmp_path):
+    table = _shard(6)
+    refused = Image.open(io.BytesIO(table["image"][2].as_py())).width
+    cfg = RecaptionConfig(backend="transformers", batch_size=4, chunk_rows=6)
+    first = recaption_shard(table, cfg, tmp_path / "work", captioner=RefusesOneImage(refused))
+    # The refused row is the only one captioned again: its failure says nothing against the backend.
+    again = recaption_shard(table, cfg, tmp_path / "work", captioner=RefusesOneImage(refused))
+    assert again.stats.resumed == 5 and again.kept.equals(first.kept) and again.rejects.equals(first.rejects)
+
+
 def test_a_shard_being_recaptioned_elsewhere_is_refused_and_its_chunks_kept(tmp_path):
     table = _shard(4)
     recaption_shard(table.slice(0, 2), RecaptionConfig(chunk_rows=2), tmp_path / "work")
