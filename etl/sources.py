@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -61,20 +61,51 @@ def _tsv_options(source: SourceConfig, malformed: list | None = None) -> dict:
     }
 
 
-def _read_tsv(path: Path, source: SourceConfig) -> pa.Table:
-    """The TSV as a table with a row for every non-empty line, in order, so that row keys stay put.
+def _one_line_break(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b" ")
 
-    A line with more tabs than columns has a tab inside its caption: the fields around the caption column
-    keep their places and the surplus joins the caption, with spaces. A line with fewer gets empty fields.
-    pyarrow's fast reader finds those lines; only a file holding any is read again, line by line, to
-    repair them where they stand.
+
+class _LineBreaks(io.RawIOBase):
+    r"""A file read with \r\n as \n and any other \r as a space. pyarrow's CSV reader also ends a line at a
+    lone \r, which captions hold: a caption would be cut in two rows, and every later row's key shifted."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._out = b""  # translated, not yet read
+        self._cr = False  # the last byte read was a \r, whose meaning waits on the next byte
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            data = self._raw.read(len(buffer))
+            if not data:
+                self._out, self._cr = b" " if self._cr else b"", False
+                break
+            data = b"\r" * self._cr + data
+            self._cr = data.endswith(b"\r")
+            self._out = _one_line_break(data[:-1] if self._cr else data)
+        n = min(len(buffer), len(self._out))
+        buffer[:n], self._out = self._out[:n], self._out[n:]
+        return n
+
+
+def _read_tsv(path: Path, source: SourceConfig) -> pa.Table:
+    r"""The TSV as a table with a row for every non-empty line, in order, so that row keys stay put.
+
+    Only \n and \r\n end a line; a lone \r is a space. A line with more tabs than columns has a tab inside
+    its caption: the fields around the caption column keep their places and the surplus joins the caption,
+    with spaces. A line with fewer gets empty fields. pyarrow's fast reader finds those lines; only a file
+    holding any is read again, line by line, to repair them where they stand.
     """
     malformed: list = []
-    table = pacsv.read_csv(path, **_tsv_options(source, malformed))
+    with open(path, "rb") as raw:
+        table = pacsv.read_csv(io.BufferedReader(_LineBreaks(raw)), **_tsv_options(source, malformed))
     if not malformed:
         return table
-    # Line breaks as pyarrow's reader sees them: \n, \r\n or \r, not str.splitlines' \u2028 and others.
-    lines = [line for line in re.split(r"\r\n|\n|\r", path.read_bytes().decode("utf-8-sig")) if line]
+    # Split at \n alone, as pyarrow's reader does once _one_line_break is done: not at str.splitlines' \u2028.
+    lines = [line for line in _one_line_break(path.read_bytes()).decode("utf-8-sig").split("\n") if line]
     names = lines[0].split("\t") if source.header else _headerless_columns(source)
     if source.caption_col not in names:
         return table  # read_url_list names the missing column

@@ -92,6 +92,33 @@ def test_cc12m_lines_with_a_tab_too_many_or_too_few_are_repaired_in_place(tmp_pa
     assert table["punsafe"].to_pylist() == [0.5, 0.25]
 
 
+def test_only_a_newline_ends_a_tsv_line_and_a_lone_carriage_return_is_a_space(tmp_path):
+    path = tmp_path / "cc12m.tsv"
+    path.write_bytes(b"http://a/1.jpg\tfirst caption\rcontinued\nhttp://a/2.jpg\tsecond\r\n")
+    table = read_url_list(SourceConfig(name="cc12m", path=path, kind="cc12m_tsv", header=False))
+    assert table["url"].to_pylist() == ["http://a/1.jpg", "http://a/2.jpg"]
+    assert table["caption"].to_pylist() == ["first caption continued", "second"]
+
+    # The same where a line needs repair (a tab too many), which reads the file again line by line.
+    path.write_bytes(b"http://a/1.jpg\tfirst\rcaption\nhttp://a/2.jpg\tsecond\tpart\r\nhttp://a/3.jpg\tthird\n")
+    table = read_url_list(SourceConfig(name="cc12m", path=path, kind="cc12m_tsv", header=False))
+    assert table["caption"].to_pylist() == ["first caption", "second part", "third"]
+
+    # pyarrow reads 1 MiB at a time: the first caption is padded so that the first read ends inside a \r\n.
+    lines = [b"http://a/%d.jpg\ta dog\r\n" % i for i in range(100_000)]
+    size = 0
+    for line in lines:
+        if size + len(line) > 1 << 20:
+            break
+        size += len(line)
+    lines[0] = lines[0].replace(b"dog", b"dog" + b"!" * ((1 << 20) + 1 - size))
+    path.write_bytes(b"".join(lines))
+    assert path.read_bytes()[(1 << 20) - 1 : (1 << 20) + 1] == b"\r\n"
+    table = read_url_list(SourceConfig(name="cc12m", path=path, kind="cc12m_tsv", header=False))
+    assert table["url"].to_pylist() == [f"http://a/{i}.jpg" for i in range(100_000)]
+    assert table["caption"].to_pylist()[1:] == ["a dog"] * 99_999
+
+
 def test_missing_column_names_column_file_and_available(tmp_path):
     path = laion_parquet(tmp_path / "laion.parquet", 2)
     source = SourceConfig(name="laion", path=path, url_col="URL", caption_col="caption")
