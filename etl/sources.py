@@ -122,6 +122,13 @@ def _read_tsv(path: Path, source: SourceConfig) -> pa.Table:
     return pacsv.read_csv(io.BytesIO("\n".join(repaired).encode("utf-8")), **_tsv_options(source))
 
 
+def _cast(raw: pa.Table, name: str, to: pa.DataType, source: SourceConfig, what: str) -> pa.ChunkedArray:
+    try:
+        return raw[name].cast(to)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ValueError(f"source '{source.name}': column '{name}' in {source.path} is not {what}: {err}") from err
+
+
 def read_url_list(source: SourceConfig) -> pa.Table:
     """Columns: url, caption, source, punsafe/pwatermark/similarity (float64, null unless listed), other extras."""
     raw, available = _read_raw(source)
@@ -135,18 +142,13 @@ def read_url_list(source: SourceConfig) -> pa.Table:
             f"(it has: {', '.join(available)})"
         )
     columns = {
-        "url": raw[source.url_col].cast(pa.string()),
-        "caption": raw[source.caption_col].cast(pa.string()),
+        "url": _cast(raw, source.url_col, pa.string(), source, "text"),
+        "caption": _cast(raw, source.caption_col, pa.string(), source, "text"),
         "source": pa.array([source.name] * raw.num_rows, pa.string()),
     }
     for name in OPTIONAL_FLOAT_COLUMNS:
         if name in source.extra_cols:
-            try:
-                columns[name] = raw[name].cast(pa.float64())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-                raise ValueError(
-                    f"source '{source.name}': column '{name}' in {source.path} is not numeric: {err}"
-                ) from err
+            columns[name] = _cast(raw, name, pa.float64(), source, "numeric")
         else:
             columns[name] = pa.nulls(raw.num_rows, pa.float64())
     for name in source.extra_cols:

@@ -128,6 +128,20 @@ def test_missing_column_names_column_file_and_available(tmp_path):
     assert "'caption'" in message and str(path) in message and "URL, TEXT" in message
 
 
+@pytest.mark.parametrize("column, values, what", [
+    ("url", pa.array([b"http://a/1.jpg", b"http://a/\xff.jpg"], pa.binary()), "text"),
+    ("caption", pa.array([{"x": 1}, {"x": 2}]), "text"),
+    ("punsafe", pa.array(["0.1", "high"]), "numeric"),
+])
+def test_a_column_of_the_wrong_type_names_source_file_and_column(column, values, what, tmp_path):
+    columns = {"url": ["http://a/1.jpg", "http://a/2.jpg"], "caption": ["a", "b"], "punsafe": [0.1, 0.2]}
+    path = tmp_path / "list.parquet"
+    pq.write_table(pa.table({**columns, column: values}), path)
+    with pytest.raises(ValueError) as err:
+        read_url_list(SourceConfig(name="web", path=path, extra_cols=["punsafe"]))
+    assert str(err.value).startswith(f"source 'web': column '{column}' in {path} is not {what}: ")
+
+
 def test_missing_file_and_empty_lists(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.parquet"):
         read_url_list(SourceConfig(name="a", path=tmp_path / "nope.parquet"))
