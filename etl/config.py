@@ -200,6 +200,14 @@ class FilterConfig:
     max_pwatermark: float | None = 0.8
     dedup: bool = True
 
+    def __post_init__(self):
+        if self.min_side < 0:
+            raise ConfigError(f"min_side: must be at least 0, got {self.min_side}")
+        for name in ("max_punsafe", "max_pwatermark"):  # probabilities, as LAION's columns give them
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ConfigError(f"{name}: must be in [0, 1] or null, got {value}")
+
 
 @dataclass
 class RecaptionConfig:
@@ -240,11 +248,17 @@ class BucketConfig:
     multiple: int = 16  # patch size 2 x VAE downsampling 8
 
     def __post_init__(self):
+        if self.multiple < 1:
+            raise ConfigError(f"multiple: must be at least 1, got {self.multiple}")
+        if not 0 <= self.quality <= 100:  # Pillow's scale for JPEG and WebP alike
+            raise ConfigError(f"quality: must be in [0, 100], got {self.quality}")
         if not self.resolutions:
-            raise ConfigError("buckets.resolutions: give at least one resolution")
+            raise ConfigError("resolutions: give at least one resolution")
         for r in self.resolutions:
             if r < self.multiple or r % self.multiple:
-                raise ConfigError(f"buckets.resolutions: {r} is not a positive multiple of {self.multiple}")
+                raise ConfigError(f"resolutions: {r} is not a positive multiple of {self.multiple}")
+        if len(set(self.resolutions)) != len(self.resolutions):
+            raise ConfigError(f"resolutions: each resolution once, got {self.resolutions}")
 
 
 @dataclass
