@@ -190,7 +190,7 @@ class DownloadConfig:
     def __post_init__(self):
         for name, least in (("processes", 1), ("threads", 1), ("timeout", 1), ("retries", 0), ("transient_passes", 0)):
             if getattr(self, name) < least:
-                raise ConfigError(f"download.{name}: must be at least {least}, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be at least {least}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -273,9 +273,9 @@ class AutomationConfig:
 
     def __post_init__(self):
         if self.sensor_interval_s < 1:
-            raise ConfigError(f"automation.sensor_interval_s: must be at least 1, got {self.sensor_interval_s}")
+            raise ConfigError(f"sensor_interval_s: must be at least 1, got {self.sensor_interval_s}")
         if self.retries < 0:
-            raise ConfigError(f"automation.retries: must be at least 0, got {self.retries}")
+            raise ConfigError(f"retries: must be at least 0, got {self.retries}")
 
 
 @dataclass

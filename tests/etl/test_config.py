@@ -16,6 +16,8 @@ from etl.config import ConfigError, PipelineConfig
         ("filter", {"min_side": -5}, "filter.min_side: must be at least 0, got -5"),
         ("filter", {"max_punsafe": 7.0}, "filter.max_punsafe: must be in [0, 1] or null, got 7.0"),
         ("filter", {"max_pwatermark": -0.1}, "filter.max_pwatermark: must be in [0, 1] or null, got -0.1"),
+        ("download", {"processes": 0}, "download.processes: must be at least 1, got 0"),
+        ("automation", {"retries": -1}, "automation.retries: must be at least 0, got -1"),
     ],
 )
 def test_pipeline_settings_out_of_range_name_the_key(tmp_path, section, values, message):
