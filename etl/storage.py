@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import os
 import tempfile
@@ -43,20 +45,55 @@ def created_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_UMASK
 
 
+def _remove_dead_temp_files(path: Path) -> None:
+    """Remove the temp files of ``path`` that writers killed outright (SIGKILL, the OOM killer, a power loss)
+    left. A live writer holds a lock on its temp file, and the lock dies with it. Other files' temp files
+    are not looked at: their writers may be other partitions, running now."""
+    prefix = f".{path.name}."
+    for stale in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        if "." in stale.name[len(prefix):-len(".tmp")]:
+            continue  # mkstemp's random part has no dot: this one is the temp file of "<name>.<more>"
+        try:
+            fd = os.open(stale, os.O_RDWR)  # NFS grants an exclusive lock only to a file open for writing
+        except OSError:  # gone already, or not a file of ours to remove
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stale.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _locked_temp_file(path: Path) -> tuple[int, str]:
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        # Another write of ``path`` took it for a dead writer's in the moment before it was locked.
+        os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """``write(file)`` into a temp file beside ``path``, fsync, rename, fsync the folder: readers see the
-    old file or the new one, never a partial one, a crash leaves no temp file behind, and the new file
-    survives a power loss once this returns."""
+    old file or the new one, never a partial one, and the new file survives a power loss once this returns.
+    A write that fails removes its temp file; one killed outright leaves it to the next write of ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_dead_temp_files(path)
+    fd, tmp = _locked_temp_file(path)
     try:
         os.fchmod(fd, created_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # before the file, and its lock, is closed: no one may take it for a dead one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,50 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
         storage.write_atomic(target, fail_halfway)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.bin"]
+
+
+_HANGING_WRITER = """
+import sys, time
+from etl.storage import write_atomic
+
+def write(f):
+    f.write(b"half wr")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+
+write_atomic(sys.argv[1], write)
+"""
+
+
+def hanging_writer(target: Path) -> tuple[subprocess.Popen, Path]:
+    """A process in the middle of write_atomic(target), and its temp file."""
+    before = set(target.parent.iterdir())
+    writer = subprocess.Popen([sys.executable, "-c", _HANGING_WRITER, str(target)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert writer.stdout.readline() == "writing\n"
+    (temp_file,) = set(target.parent.iterdir()) - before
+    return writer, temp_file
+
+
+def test_a_write_removes_the_temp_files_of_killed_writes_of_the_same_file_only(tmp_path):
+    target = tmp_path / "table.parquet"
+    killed = {}
+    # Another file's writers may be other partitions, running now; "table.parquet.old" begins like target.
+    for name in ("table.parquet", "other.parquet", "table.parquet.old"):
+        writer, killed[name] = hanging_writer(tmp_path / name)
+        writer.kill()
+        writer.wait()
+    live, live_temp_file = hanging_writer(target)
+    try:
+        storage.write_atomic(target, lambda f: f.write(b"new"))
+        assert target.read_bytes() == b"new"
+        assert not killed["table.parquet"].exists()
+        assert killed["other.parquet"].exists() and killed["table.parquet.old"].exists()
+        assert live_temp_file.exists()  # a write of the same file going on now
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
