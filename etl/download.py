@@ -6,6 +6,8 @@ in its output parquet; we join those records back to our keys, so every input ro
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -93,29 +96,40 @@ def identify_image(data: bytes | None) -> tuple[int, int] | tuple[str, str]:
 
 
 _RUN_IMG2DATASET = """
-import json, sys
+import json, os, signal, sys, threading, time
+
+def die_with_parent(parent):
+    # A caller killed outright (SIGKILL, the OOM killer) runs no cleanup: img2dataset would go on writing.
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.killpg(0, signal.SIGKILL)
+
+threading.Thread(target=die_with_parent, args=(int(sys.argv[1]),), daemon=True).start()
 import img2dataset
 img2dataset.download(**json.loads(sys.stdin.read()))
 """
 
 
-def run_img2dataset(arguments: dict) -> None:
-    """Run ``img2dataset.download`` in a fresh interpreter.
+def run_img2dataset(arguments: dict, pass_fds: tuple[int, ...] = ()) -> None:
+    """Run ``img2dataset.download`` in a fresh interpreter; ``pass_fds`` stay open in it as long as it runs.
 
     img2dataset installs a SIGINT handler (only allowed on the main thread), starts a logger process
     and a spawn pool; a child interpreter keeps all of that out of the caller (tests, Dagster steps)
     and lets it be called any number of times. It runs in its own process group so that an interrupted
-    caller can stop it together with the worker processes it started.
+    caller can stop it together with the worker processes it started, and the group stops itself once
+    its caller is gone. (PR_SET_PDEATHSIG would need a preexec_fn, unsafe in a caller with threads, and
+    would stop the interpreter without its workers.)
     """
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
     with subprocess.Popen(
-        [sys.executable, "-c", _RUN_IMG2DATASET],
+        [sys.executable, "-c", _RUN_IMG2DATASET, str(os.getpid())],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
         start_new_session=True,
+        pass_fds=pass_fds,
     ) as process:
         try:
             log, _ = process.communicate(json.dumps(arguments))
@@ -196,16 +210,38 @@ def sample_outcome(record: dict, image_column: str) -> tuple:
     return "kept", image, width, height, original_width, original_height, sha256
 
 
+@contextlib.contextmanager
+def _scratch_folder(work_dir: Path) -> Iterator[tuple[Path, int]]:
+    """A fresh folder in ``work_dir`` for one img2dataset pass, removed after it, and the fd of the lock
+    that says the pass is live. The folders that passes killed outright left go first, unless another
+    pass over this shard (another run) is live: its folder looks the same, and img2dataset hangs when its
+    folder goes from under it."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / "lock", "w") as lock:  # opened for writing: NFS locks it exclusively only then
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            for stale in work_dir.glob("img2dataset-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        scratch = Path(tempfile.mkdtemp(prefix="img2dataset-", dir=work_dir))
+        try:
+            yield scratch, lock.fileno()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _fetch(urls: pa.Table, rows: list[int], work_dir: Path, cfg: DownloadConfig) -> dict[int, tuple]:
     """One img2dataset pass over the given rows of ``urls``: {row: sample_outcome(...)} for each of them."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="img2dataset-", dir=work_dir))
-    try:
+    with _scratch_folder(work_dir) as (scratch, lock):
         url_list = scratch / "urls.parquet"
         to_send = urls.take(rows)
         pq.write_table(pa.table({KEY_COLUMN: to_send["key"], "url": to_send["url"]}), url_list)
         output = scratch / "output"
-        run_img2dataset(_img2dataset_arguments(url_list, output, len(rows), cfg))
+        # img2dataset holds the lock too: a caller killed outright frees it, and its img2dataset stops a moment later
+        run_img2dataset(_img2dataset_arguments(url_list, output, len(rows), cfg), pass_fds=(lock,))
         # img2dataset names the image column after its encode_format (with no re-encoding: "jpg", original bytes)
         image_column = "jpg" if cfg.encode_format == "original" else cfg.encode_format
         row_of_key = dict(zip(to_send["key"].to_pylist(), rows))
@@ -215,8 +251,6 @@ def _fetch(urls: pa.Table, rows: list[int], work_dir: Path, cfg: DownloadConfig)
             if row is None or row in outcomes:
                 raise RuntimeError(f"img2dataset returned an unexpected or repeated key {record[KEY_COLUMN]!r}")
             outcomes[row] = sample_outcome(record, image_column)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     for row in rows:
         outcomes.setdefault(row, ("rejected", "not_recorded", "img2dataset wrote no record for this sample (see its log)"))
     return outcomes

@@ -39,6 +39,7 @@ class DataLayout:
         return self.root / "rejects" / stage / f"{shard}.parquet"
 
     def work(self, stage: str, shard: str) -> Path:
-        """Work space of one stage for one shard: img2dataset's output, removed when done; the recaption
-        chunks, kept (text only), so that no image is captioned twice by the same setup."""
+        """Work space of one stage for one shard: img2dataset's output, removed when done (that of a download
+        killed outright, by the next download of the shard); the recaption chunks, kept (text only), so that
+        no image is captioned twice by the same setup."""
         return self.root / "work" / stage / shard

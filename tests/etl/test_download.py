@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import signal
 import struct
+import subprocess
+import sys
 import tarfile
+import time
 import zlib
 import threading
 from pathlib import Path
@@ -149,7 +154,71 @@ def test_input_columns_are_carried_to_kept_rows(downloaded):
 
 def test_work_dir_is_cleaned(downloaded):
     _, _, work_dir = downloaded
-    assert list(Path(work_dir).iterdir()) == []
+    assert [p.name for p in Path(work_dir).iterdir()] == ["lock"]
+
+
+_DOWNLOAD = """
+import sys
+from pathlib import Path
+import pyarrow as pa
+from etl.config import DownloadConfig
+from etl.download import download_shard
+
+download_shard(pa.table({"key": ["hangs"], "url": [sys.argv[2]]}), Path(sys.argv[1]),
+               DownloadConfig(processes=1, threads=1, timeout=600))
+"""
+
+
+def processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        found.append((int(stat.parent.name), state, int(parent), int(group)))
+    return found
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(0.2)
+    return value
+
+
+def test_a_download_killed_outright_stops_its_img2dataset_and_the_next_removes_its_folder(tmp_path):
+    work_dir = tmp_path / "work"
+    cfg = DownloadConfig(processes=1, threads=1, timeout=TIMEOUT)
+    group = None
+    with FaultServer(slow_seconds=600) as server:  # /slow never answers while the test lasts
+        caller = subprocess.Popen([sys.executable, "-c", _DOWNLOAD, str(work_dir), server.url("/slow")],
+                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+        try:
+            wait_for(lambda: server.requests["/slow"], 120, "img2dataset fetching /slow")
+            (group,) = {pid for pid, _, parent, _ in processes() if parent == caller.pid}  # a group leader
+            killed_folder = next(work_dir.glob("img2dataset-*"))
+            # A download of the same shard while that one is live (another run) leaves its folder alone.
+            live = download_shard(pa.table({"key": ["a"], "url": [server.url("/valid.png")]}), work_dir, cfg)
+            assert live.kept["key"].to_pylist() == ["a"]
+            assert list(work_dir.glob("img2dataset-*")) == [killed_folder]
+
+            caller.kill()
+            caller.wait()
+            # Its zombies wait for whatever reaps orphans here: dead all the same.
+            wait_for(lambda: not [pid for pid, state, _, pg in processes() if pg == group and state not in "ZX"],
+                     60, "img2dataset stopping with its caller")
+            again = download_shard(pa.table({"key": ["b"], "url": [server.url("/valid.jpg")]}), work_dir, cfg)
+            assert again.kept["key"].to_pylist() == ["b"]
+            assert list(work_dir.glob("img2dataset-*")) == []
+        finally:
+            caller.kill()
+            caller.wait()
+            if group is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
 
 
 def test_second_call_off_the_main_thread_reencodes_and_leaves_no_global_state(tmp_path):
