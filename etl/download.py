@@ -220,12 +220,13 @@ def _scratch_folder(work_dir: Path) -> Iterator[tuple[Path, int]]:
     with open(work_dir / "lock", "w") as lock:  # opened for writing: NFS locks it exclusively only then
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # another pass is live, or the filesystem has no flock: the folders stay
             pass
         else:
             for stale in work_dir.glob("img2dataset-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        fcntl.flock(lock, fcntl.LOCK_SH)
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_SH)
         scratch = Path(tempfile.mkdtemp(prefix="img2dataset-", dir=work_dir))
         try:
             yield scratch, lock.fileno()

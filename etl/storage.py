@@ -60,7 +60,7 @@ def _remove_dead_temp_files(path: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             stale.unlink(missing_ok=True)
-        except BlockingIOError:
+        except OSError:  # a live writer's lock, or a filesystem without flock: nothing tells a dead writer's
             pass
         finally:
             os.close(fd)
@@ -69,7 +69,10 @@ def _remove_dead_temp_files(path: Path) -> None:
 def _locked_temp_file(path: Path) -> tuple[int, str]:
     while True:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without flock (some Lustre mounts): no write sweeps a file there either
+            return fd, tmp
         try:
             if os.path.samestat(os.fstat(fd), os.stat(tmp)):
                 return fd, tmp

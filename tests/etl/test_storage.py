@@ -1,3 +1,4 @@
+import errno
 import os
 import subprocess
 import sys
@@ -64,6 +65,18 @@ def test_a_write_removes_the_temp_files_of_killed_writes_of_the_same_file_only(t
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_filesystem_without_flock_still_writes_and_leaves_temp_files_alone(tmp_path, monkeypatch):
+    def no_flock(fd, operation):  # what flock gives on a Lustre mount without the flock option
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(storage.fcntl, "flock", no_flock)
+    stale = tmp_path / ".table.parquet.abc123.tmp"
+    stale.write_bytes(b"half")
+    storage.write_atomic(tmp_path / "table.parquet", lambda f: f.write(b"whole"))
+    assert (tmp_path / "table.parquet").read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "table.parquet"]  # no lock tells it is dead
 
 
 def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
