@@ -4,6 +4,8 @@ process decoding, encoding and training, as on a single-GPU box or a laptop.
 Each case is a real training run of the trainer on demo data built by the test helper (coloured shapes,
 bucketed like the pipeline does), read back from its metrics.jsonl: steps/s, images/s and the share of
 each step spent waiting for data. The first steps (process start, first batches, compilation) are left out.
+"Mean image" is the side of a square of the trained images' mean pixels: aspect-ratio buckets keep the long
+side at the resolution, so a "256 px" run trains on fewer pixels than 256 x 256 squares.
 
   * tiny        the demo's model and encoders (configs/train/demo.yaml) at 64 px
   * mid-300m    the `mid-300m` MMDiT at 256 px with the tiny encoders: the model alone sets the pace
@@ -20,12 +22,14 @@ each step spent waiting for data. The first steps (process start, first batches,
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing; the demo data builder lives with the tests
 
 from tests.trainer.demo_dataset import build_demo_dataset  # noqa: E402
+from trainer.data import open_index  # noqa: E402
 from trainer.metrics import read_metrics  # noqa: E402
 
 DEMO_CONFIG = REPO / "configs" / "train" / "demo.yaml"
@@ -66,18 +71,26 @@ def cases(args) -> list[Case]:
     if args.smoke:
         return [Case("tiny", 64, 2, 6, 2, [])]
     mid = args.resolution
-    result = [
-        Case("tiny", 64, 32, 120, 20, []),
-        Case("mid-300m, tiny encoders", mid, args.batch, args.steps, 10,
-             [*mid_model(mid, 64), "encoders.preset=tiny", "encoders.text_len=77"]),
-    ]
-    if args.encoders:
+    result = [Case("tiny", 64, 32, 120, 20, [])]
+    if args.encoders:  # before the tiny encoders' case: the figure that sizes a colocated box, if time runs short
         folder = Path(args.encoders).resolve()
         result.append(Case("mid-300m, reference encoders", mid, args.batch, args.steps, 10, [
             *mid_model(mid, None), "encoders.preset=reference", "encoders.dtype=bfloat16", "encoders.text_len=77",
             *(f"encoders.{name}={folder / name}" for name in ("vae", "gemma", "bert", "clip")),
         ]))
+    result.append(Case("mid-300m, tiny encoders", mid, args.batch, args.steps, 10,
+                       [*mid_model(mid, 64), "encoders.preset=tiny", "encoders.text_len=77"]))
     return result
+
+
+def trained_side(data_root: Path, resolution: int, batch: int) -> float:
+    """The side of a square of the mean pixels of the images a run trains on. Buckets keep the long side at
+    the resolution and the trainer drops buckets smaller than a batch, so the images have fewer pixels than
+    resolution^2: images/s are of these, not of squares."""
+    index = open_index(data_root, resolution)
+    buckets = Counter(zip(index["height"].to_pylist(), index["width"].to_pylist()))
+    trained = {(h, w): n // batch * batch for (h, w), n in buckets.items()}
+    return math.sqrt(sum(h * w * n for (h, w), n in trained.items()) / sum(trained.values()))
 
 
 def run_case(case: Case, data_root: Path, run_dir: Path, compile_model: bool, workers: int, timeout_s: float) -> dict:
@@ -120,25 +133,27 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "CPU"
     print(f"\n### Colocated training on {device}, torch {torch.__version__}, "
           f"{'compiled' if args.compile else 'eager'}, bf16 autocast on GPU\n")
-    print("| case | resolution | batch | steps/s | images/s | data wait | steps timed |\n|---|---:|---:|---:|---:|---:|---:|",
-          flush=True)
+    print("| case | resolution | batch | steps/s | images/s | data wait | steps timed | mean image |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = {}
         for i, case in enumerate(cases(args)):
-            left = deadline - time.monotonic()
             try:
-                if left < MIN_CASE_S:
-                    raise Skipped(f"skipped: {max(left, 0):.0f} s left of --deadline-s {args.deadline_s:.0f}")
-                if case.resolution not in data:
+                if case.resolution not in data and deadline - time.monotonic() > MIN_CASE_S:
                     images = 48 if args.smoke else (256 if case.resolution == 64 else args.images)
                     data[case.resolution] = build_demo_dataset(tmp / f"data{case.resolution}", n=images,
                                                                resolution=case.resolution)
+                left = deadline - time.monotonic()  # after the data, which takes seconds to draw at 256 px
+                if left < MIN_CASE_S:
+                    raise Skipped(f"skipped: {max(left, 0):.0f} s left of --deadline-s {args.deadline_s:.0f}")
                 r = run_case(case, data[case.resolution], tmp / f"run{i}", args.compile, 1 if args.smoke else args.workers,
-                             deadline - time.monotonic())
-                figures = (f"{r['steps_s']:.2f} | {r['images_s']:.0f} | {100 * r['wait']:.1f}% | {r['timed']}")
+                             left)
+                side = trained_side(data[case.resolution], case.resolution, case.batch)
+                figures = (f"{r['steps_s']:.2f} | {r['images_s']:.0f} | {100 * r['wait']:.1f}% | {r['timed']} | "
+                           f"{side:.0f}² px")
             except Exception as err:  # noqa: BLE001 - one failing case (out of memory, say) must not hide the others
-                figures = f"{'' if isinstance(err, Skipped) else 'failed: '}{str(err).splitlines()[0][:120]} | | | "
+                figures = f"{'' if isinstance(err, Skipped) else 'failed: '}{str(err).splitlines()[0][:120]} | | | | "
             print(f"| {case.name} | {case.resolution} | {case.batch} | {figures} |", flush=True)
     return 0
 

@@ -14,6 +14,8 @@ def test_colocated_benchmark_smoke_trains_and_reports_a_row():
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[1:3] == ["64", "2"] and float(cells[3]) > 0 and cells[6] == "4"  # 6 steps, the first 2 left out
     assert 0.0 <= float(cells[5].rstrip("%")) <= 100.0
+    side = int(cells[7].removesuffix("² px"))
+    assert 16 <= side <= 64  # the demo's buckets: 64 px on the long side, less on the short one
 
 
 def test_colocated_benchmark_past_its_deadline_skips_the_case_and_says_so():
