@@ -129,7 +129,7 @@ def main() -> int:
     pics = images(args.rows, 512 if not args.smoke else 64)
     alts = [f"photo number {i} of a red dog near the sea" for i in range(args.rows)]
 
-    failures = []
+    failures, vlm = [], None
     try:
         started = time.perf_counter()
         vlm, processor, llm, tokenizer = build(shapes, device, dtype)
@@ -141,8 +141,13 @@ def main() -> int:
 
     try:
         importlib.import_module("vllm")
+        vllm_missing = None
     except Exception as err:  # noqa: BLE001 -- not installed, or an install that fails on import: skip it
-        print(f"vllm          not importable ({type(err).__name__}: {str(err)[:80]}); skipped", flush=True)
+        vllm_missing = f"{type(err).__name__}: {str(err)[:80]}"
+    if vllm_missing:
+        print(f"vllm          not importable ({vllm_missing}); skipped", flush=True)
+    elif vlm is None:  # vLLM loads the models the transformers part built
+        print("vllm          skipped: the random models did not build (see FAILED transformers)", flush=True)
     else:
         try:
             with tempfile.TemporaryDirectory() as tmp:
