@@ -18,10 +18,10 @@ shift
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT to host:port of one node that every node reaches}"
 RDZV_ID=${RDZV_ID:-sd3-train}
 if [ -z "${NPROC_PER_NODE:-}" ]; then  # one rank per visible GPU
-    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-        NPROC_PER_NODE=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .)
-    else
-        NPROC_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
+    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then  # set, even empty (no GPU), it says what this node may use
+        NPROC_PER_NODE=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c . || true)
+    else  # whole GPUs only: on a MIG host the list also names each GPU's instances, indented
+        NPROC_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU ' || true)
     fi
     [ "$NPROC_PER_NODE" -gt 0 ] || { echo "train_node.sh: no GPU found; set NPROC_PER_NODE" >&2; exit 2; }
 fi
