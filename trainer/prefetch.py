@@ -12,6 +12,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+import torch
+
 
 class _End:
     """The sentinel the thread enqueues after the last item."""
@@ -31,11 +33,16 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._failure: BaseException | None = None
         self._ended = False
-        self._thread = threading.Thread(target=self._run, args=(items,), name=name, daemon=True)
+        # The current CUDA device is per thread, and a new thread's is GPU 0: a call that takes the current
+        # device there would put a context (half a GiB) of every rank of the node on GPU 0.
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self._thread = threading.Thread(target=self._run, args=(items, device), name=name, daemon=True)
         self._thread.start()
 
-    def _run(self, items: Iterator) -> None:
+    def _run(self, items: Iterator, cuda_device: int | None) -> None:
         try:
+            if cuda_device is not None:
+                torch.cuda.set_device(cuda_device)
             for item in items:
                 self._queue.put(item)
         except BaseException as err:  # handed to get(), which raises it in the training thread
