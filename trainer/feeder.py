@@ -59,7 +59,7 @@ class Feeder:
         for size, count in self.sampler.dropped_buckets.items():
             log.warning("bucket %s has %d images, fewer than a batch of %d: dropped", size, count, self.chunk_size * num_chunks)
         self.encoders = Encoders(cfg.encoders, device=device)
-        _check_model_reads(self.encoders, cfg.model.mmdit_config())
+        _check_model_fits_encoders(self.encoders, cfg.model.mmdit_config())
         self.generator = torch.Generator(device).manual_seed(fresh_seed(cfg.train.seed, "vae", 0, replica))
         self.batches_done = 0
         if state is not None:
@@ -133,7 +133,7 @@ class Feeder:
             yield parts
 
 
-def _check_model_reads(encoders: Encoders, model: MMDiTConfig) -> None:
+def _check_model_fits_encoders(encoders: Encoders, model: MMDiTConfig) -> None:
     # Only the loaded encoders know their widths; the model ranks would otherwise fail on their first batch.
     for name, model_value, encoder_value, source in (
         ("in_channels", model.in_channels, encoders.latent_channels, "the VAE's latent channels"),
