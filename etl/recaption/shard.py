@@ -27,6 +27,9 @@ _RUNTIME_ONLY = ("batch_size", "chunk_rows", "device", "vllm_gpu_memory_utilizat
 # Failures that may say more about the backend at that moment (an OOM, an engine that died mid-chunk) than
 # about the row: a later run captions such rows again instead of reusing the failure.
 RETRIED_KINDS = frozenset({"backend_error"})
+# In the detail of the rows of a batch that failed row by row as well: the backend more likely died than
+# every row was odd, so their failing again is not excused (see _RowIsolation).
+WHOLE_BATCH = "every row of its batch failed"
 
 
 @dataclass
@@ -76,11 +79,13 @@ class _RowIsolation:
     model cannot take (a processor refusing an odd image, an OOM on one long prompt) then fails by itself,
     instead of failing the shard on every retry. While no row of the pass has worked, an error is the
     backend's (no GPU, a broken model, an engine that died), not a row's: it is raised, unless every row
-    failing is one that failed alone in an earlier run too (``retried``), which says nothing of the backend.
-    One isolation serves one pass: the VLM having worked says nothing of the LLM."""
+    failing is one that failed alone in an earlier run too (``excused``), which says nothing of the backend.
+    A row failed alone when another row of its batch worked (or its batch was that row): the rows of a
+    batch that failed whole are marked WHOLE_BATCH and are never excused. One isolation serves one pass:
+    the VLM having worked says nothing of the LLM."""
 
-    def __init__(self, retried: frozenset[str]):
-        self.retried = retried
+    def __init__(self, excused: frozenset[str]):
+        self.excused = excused
         self.any_worked = False
 
     def __call__(self, keys: list[str], call: Callable[..., list[str]], *columns: list) -> list[str | Exception]:
@@ -97,22 +102,28 @@ class _RowIsolation:
                 self.any_worked = True
             except Exception as err:  # noqa: BLE001 -- this row's failure, recorded as its rejection
                 results.append(err)
-        if not self.any_worked and not self.retried.issuperset(keys):
+        if not self.any_worked and not self.excused.issuperset(keys):
             raise batch_error
+        if len(results) > 1 and all(isinstance(r, Exception) for r in results):
+            results = [_WholeBatchFailed(f"{type(r).__name__}: {r} ({WHOLE_BATCH})") for r in results]
         log.warning("recaption: a batch of %d failed (%s: %s); %d of its rows failed alone", len(results),
                     type(batch_error).__name__, batch_error, sum(isinstance(r, Exception) for r in results))
         return results
 
 
+class _WholeBatchFailed(Exception):
+    """A row's failure in a batch whose every row failed; its message names the error."""
+
+
 def _backend_error(err: Exception) -> Verdict:
-    return Verdict(None, "backend_error", f"{type(err).__name__}: {err}")
+    return Verdict(None, "backend_error", str(err) if isinstance(err, _WholeBatchFailed) else f"{type(err).__name__}: {err}")
 
 
 def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig,
-                 retried: frozenset[str] = frozenset()) -> list[dict]:
+                 excused: frozenset[str] = frozenset()) -> list[dict]:
     """Outcome rows (``OUTCOMES`` less the input fingerprint) for rows with key, caption and image, in order.
 
-    ``retried``: the keys whose captioning failed alone on a backend error in an earlier run; their
+    ``excused``: the keys whose captioning failed alone on a backend error in an earlier run; their
     failing again is their own rejection, not the shard's failure.
     """
     outcomes: dict[str, dict] = {}
@@ -131,7 +142,7 @@ def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig,
         except Exception as err:  # noqa: BLE001 -- any decoder error is this row's rejection, not the shard's
             outcomes[row["key"]] = _failed(row["key"], "undecodable", f"{type(err).__name__}: {err}")
 
-    isolated = _RowIsolation(retried)
+    isolated = _RowIsolation(excused)
     detailed: dict[str, str] = {}
     for start in range(0, len(keys), cfg.batch_size):
         batch = keys[start : start + cfg.batch_size]
@@ -150,7 +161,7 @@ def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig,
                 outcomes[key] = _failed(key, verdict.kind, f"{verdict.message} (detailed caption)")
 
     keys = list(detailed)
-    isolated = _RowIsolation(retried)
+    isolated = _RowIsolation(excused)
     for start in range(0, len(keys), cfg.batch_size):
         batch = keys[start : start + cfg.batch_size]
         raw = isolated(batch, captioner.shorten, [detailed[k] for k in batch])
@@ -211,6 +222,7 @@ def _recaption_claimed(table: pa.Table, keys: list[str], cfg: RecaptionConfig, w
     earlier_rows = list(zip(earlier["key"].to_pylist(), earlier["input"].to_pylist()))
     latest = [row for row in _current_outcomes(earlier, fingerprints).to_pylist() if row["key"] in fingerprints]
     retried = frozenset(row["key"] for row in latest if _failure_kind(row) in RETRIED_KINDS)
+    excused = frozenset(row["key"] for row in latest if row["key"] in retried and WHOLE_BATCH not in row["detail"])
     done = {row["key"] for row in latest} - retried
     if retried:
         log.info("recaption: %d rows of %s failed on a backend error before; captioned again", len(retried), work_dir)
@@ -227,7 +239,7 @@ def _recaption_claimed(table: pa.Table, keys: list[str], cfg: RecaptionConfig, w
         for start in range(0, len(todo), cfg.chunk_rows):
             rows = table.select(["key", "caption", "image"]).take(todo[start : start + cfg.chunk_rows]).to_pylist()
             outcomes = [{**outcome, "input": fingerprints[outcome["key"]]}
-                        for outcome in caption_rows(rows, captioner, cfg, retried)]
+                        for outcome in caption_rows(rows, captioner, cfg, excused)]
             chunks.append(pa.Table.from_pylist(outcomes, schema=OUTCOMES))
             if progress:
                 progress(len(done) + min(start + cfg.chunk_rows, len(todo)), len(keys))

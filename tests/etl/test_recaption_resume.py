@@ -272,6 +272,16 @@ def test_rows_failed_on_a_backend_error_are_captioned_again_by_a_later_run(tmp_p
     assert recaption_shard(table, cfg, work, captioner=object()).stats.resumed == 8
 
 
+def test_a_backend_still_dead_fails_the_run_that_captions_its_failed_rows_again(tmp_path):
+    table, work = _shard(8), tmp_path / "work"
+    cfg = RecaptionConfig(backend="transformers", batch_size=4, chunk_rows=8)
+    first = recaption_shard(table, cfg, work, captioner=LLMDiesAfter(1))  # the second batch failed whole
+    assert all("every row of its batch failed" in detail for detail in first.rejects["detail"].to_pylist())
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        recaption_shard(table, cfg, work, captioner=LLMDiesAfter(0))
+    assert recaption_shard(table, cfg, work, captioner=LLMDiesAfter(None)).kept.num_rows == 8
+
+
 def test_a_row_that_fails_alone_again_is_rejected_again_not_the_shard(tmp_path):
     table = _shard(6)
     refused = Image.open(io.BytesIO(table["image"][2].as_py())).width
