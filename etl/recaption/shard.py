@@ -116,7 +116,8 @@ class _WholeBatchFailed(Exception):
 
 
 def _backend_error(err: Exception) -> Verdict:
-    return Verdict(None, "backend_error", str(err) if isinstance(err, _WholeBatchFailed) else f"{type(err).__name__}: {err}")
+    message = str(err) if isinstance(err, _WholeBatchFailed) else f"{type(err).__name__}: {err}"
+    return Verdict(None, "backend_error", message)
 
 
 def caption_rows(rows: list[dict], captioner: Captioner, cfg: RecaptionConfig,
