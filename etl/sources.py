@@ -100,12 +100,15 @@ def _read_tsv(path: Path, source: SourceConfig) -> pa.Table:
     holding any is read again, line by line, to repair them where they stand.
     """
     malformed: list = []
-    with open(path, "rb") as raw:
+    # pyarrow opens a .gz or .bz2 list by its name, as its CSV reader does given a path.
+    with pa.input_stream(str(path), compression="detect") as raw:
         table = pacsv.read_csv(io.BufferedReader(_LineBreaks(raw)), **_tsv_options(source, malformed))
     if not malformed:
         return table
     # Split at \n alone, as pyarrow's reader does once _one_line_break is done: not at str.splitlines' \u2028.
-    lines = [line for line in _one_line_break(path.read_bytes()).decode("utf-8-sig").split("\n") if line]
+    with pa.input_stream(str(path), compression="detect") as raw:
+        data = raw.read()
+    lines = [line for line in _one_line_break(data).decode("utf-8-sig").split("\n") if line]
     names = lines[0].split("\t") if source.header else _headerless_columns(source)
     if source.caption_col not in names:
         return table  # read_url_list names the missing column

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import os
 from pathlib import Path
 
@@ -90,6 +92,15 @@ def test_cc12m_lines_with_a_tab_too_many_or_too_few_are_repaired_in_place(tmp_pa
     table = read_url_list(SourceConfig(name="h", path=with_header, kind="cc12m_tsv", extra_cols=["punsafe"]))
     assert table["caption"].to_pylist() == ["x", "y z"]
     assert table["punsafe"].to_pylist() == [0.5, 0.25]
+
+
+def test_a_compressed_tsv_is_read_by_its_name_on_both_read_paths(tmp_path):
+    lines = b"http://a.com/1.jpg\ta dog\rrunning\nhttp://a.com/2.jpg\ta cat\tasleep\n"
+    for suffix, compress in ((".gz", gzip.compress), (".bz2", bz2.compress)):
+        path = tmp_path / f"cc12m.tsv{suffix}"
+        path.write_bytes(compress(lines))
+        table = read_url_list(SourceConfig(name="cc12m", path=path, kind="cc12m_tsv", header=False))
+        assert table["caption"].to_pylist() == ["a dog running", "a cat asleep"]  # the second line repaired
 
 
 def test_only_a_newline_ends_a_tsv_line_and_a_lone_carriage_return_is_a_space(tmp_path):
