@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import fcntl
-import glob
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -45,14 +45,27 @@ def created_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_UMASK
 
 
+# mkstemp(prefix=".<name>.", suffix=".tmp"): its random part has no dot, so the name ends at the last one.
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]+\.tmp")
+# Per folder, the temp files found at this process's first write there, by the file they were writing: a
+# listing per write would make writing a stage's N shards into one folder cost N^2 entries read.
+_LEFT_TEMP_FILES: dict[Path, dict[str, list[Path]]] = {}
+
+
 def _remove_dead_temp_files(path: Path) -> None:
     """Remove the temp files of ``path`` that writers killed outright (SIGKILL, the OOM killer, a power loss)
-    left. A live writer holds a lock on its temp file, and the lock dies with it. Other files' temp files
-    are not looked at: their writers may be other partitions, running now."""
-    prefix = f".{path.name}."
-    for stale in path.parent.glob(glob.escape(prefix) + "*.tmp"):
-        if "." in stale.name[len(prefix):-len(".tmp")]:
-            continue  # mkstemp's random part has no dot: this one is the temp file of "<name>.<more>"
+    left before this process first wrote into its folder. A live writer holds a lock on its temp file, and
+    the lock dies with it. Other files' temp files are not touched: their writers may be other partitions,
+    running now, on a node whose locks this one may not see."""
+    left = _LEFT_TEMP_FILES.get(path.parent)
+    if left is None:
+        left = {}
+        with os.scandir(path.parent) as entries:
+            for entry in entries:
+                if (match := _TEMP_NAME.fullmatch(entry.name)):
+                    left.setdefault(match["target"], []).append(Path(entry.path))
+        _LEFT_TEMP_FILES[path.parent] = left
+    for stale in left.pop(path.name, []):
         try:
             fd = os.open(stale, os.O_RDWR)  # NFS grants an exclusive lock only to a file open for writing
         except OSError:  # gone already, or not a file of ours to remove
@@ -85,7 +98,7 @@ def _locked_temp_file(path: Path) -> tuple[int, str]:
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """``write(file)`` into a temp file beside ``path``, fsync, rename, fsync the folder: readers see the
     old file or the new one, never a partial one, and the new file survives a power loss once this returns.
-    A write that fails removes its temp file; one killed outright leaves it to the next write of ``path``."""
+    A write that fails removes its temp file; one killed outright leaves it to the next process writing ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temp_files(path)
