@@ -18,7 +18,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 install() { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site "$@"; }
 if compgen -G ".whl/*.whl" > /dev/null; then
-  install .whl/*.whl && export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}  # also for the fallback, should this install fail
+  install .whl/*.whl
   if ! "$PY" -c "from diffusers import AutoencoderKL, ModelMixin" 2> /dev/null && compgen -G ".whl/fallback/*.whl" > /dev/null; then
     echo "the carried diffusers does not import beside this image's packages: its fallback, $(ls .whl/fallback)"
     rm -rf /tmp/gpu-site/diffusers /tmp/gpu-site/diffusers-*.dist-info
