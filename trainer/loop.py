@@ -92,8 +92,9 @@ def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
     return MMDiT.from_pretrained(folder, low_cpu_mem_usage=False).state_dict()  # see checkpoint.load_model
 
 
-def timestep_shift(setting: float | str, latent_shape: torch.Size) -> float:
-    """``train.t_shift`` for a batch of latents (B, C, h, w): the number, or SD3's shift for its pixel size."""
+def timestep_shift(setting: float | str, latent_shape: tuple[int, ...]) -> float:
+    """``train.t_shift`` for latents of shape (..., h, w): the number, or SD3's shift for their pixel size.
+    The run's own samples and evaluations sample with the shift it trained with."""
     if setting != "resolution":
         return float(setting)
     return resolution_shift(latent_shape[-2] * VAE_DOWNSAMPLING, latent_shape[-1] * VAE_DOWNSAMPLING)
@@ -332,7 +333,8 @@ class _Sampler:
         size = self.cfg.data.resolution
         with self.pipelines.around(model) as pipe:
             images = pipe.generate(self.cfg.log.sample_prompts, steps=self.cfg.log.sample_steps,
-                                   cfg=self.cfg.log.sample_cfg, width=size, height=size, seed=step)
+                                   cfg=self.cfg.log.sample_cfg, width=size, height=size, seed=step,
+                                   shift=timestep_shift(self.cfg.train.t_shift, (size // VAE_DOWNSAMPLING,) * 2))
         metrics.log_images(step, images, self.cfg.log.sample_prompts)
         out = self.cfg.checkpoint.dir / "samples"
         for i, image in enumerate(images):
@@ -350,7 +352,8 @@ class TrainingEvaluation:
 
         log_cfg, size = cfg.log, cfg.data.resolution
         settings = GenerationSettings(steps=log_cfg.eval_steps, cfg=log_cfg.eval_cfg, width=size, height=size, seed=0,
-                                      batch_size=log_cfg.eval_images_per_prompt)
+                                      batch_size=log_cfg.eval_images_per_prompt,
+                                      shift=timestep_shift(cfg.train.t_shift, (size // VAE_DOWNSAMPLING,) * 2))
         self.evaluator = Evaluator(
             read_prompts(log_cfg.eval_prompts_file, "log.eval_prompts_file"), log_cfg.eval_reference,
             inception=log_cfg.eval_inception, clip=log_cfg.eval_clip, settings=settings, device=pipelines.device,
