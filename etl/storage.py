@@ -98,7 +98,8 @@ def _locked_temp_file(path: Path) -> tuple[int, str]:
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """``write(file)`` into a temp file beside ``path``, fsync, rename, fsync the folder: readers see the
     old file or the new one, never a partial one, and the new file survives a power loss once this returns.
-    A write that fails removes its temp file; one killed outright leaves it to the next process writing ``path``."""
+    A write that fails removes its temp file; one killed outright leaves it to the next process writing
+    ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temp_files(path)
