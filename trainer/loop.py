@@ -93,11 +93,15 @@ def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def timestep_shift(setting: float | str, latent_shape: tuple[int, ...]) -> float:
-    """``train.t_shift`` for latents of shape (..., h, w): the number, or SD3's shift for their pixel size.
-    The run's own samples and evaluations sample with the shift it trained with."""
+    """``train.t_shift`` for latents of shape (..., h, w): the number, or SD3's shift for their pixel size."""
     if setting != "resolution":
         return float(setting)
     return resolution_shift(latent_shape[-2] * VAE_DOWNSAMPLING, latent_shape[-1] * VAE_DOWNSAMPLING)
+
+
+def sampling_shift(cfg: TrainConfig) -> float:
+    """The shift the run's own samples and evaluations take, at the data resolution: the one it trains with."""
+    return timestep_shift(cfg.train.t_shift, (cfg.data.resolution // VAE_DOWNSAMPLING,) * 2)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, init_from: Path | None = None) -> MMDiT:
@@ -334,7 +338,7 @@ class _Sampler:
         with self.pipelines.around(model) as pipe:
             images = pipe.generate(self.cfg.log.sample_prompts, steps=self.cfg.log.sample_steps,
                                    cfg=self.cfg.log.sample_cfg, width=size, height=size, seed=step,
-                                   shift=timestep_shift(self.cfg.train.t_shift, (size // VAE_DOWNSAMPLING,) * 2))
+                                   shift=sampling_shift(self.cfg))
         metrics.log_images(step, images, self.cfg.log.sample_prompts)
         out = self.cfg.checkpoint.dir / "samples"
         for i, image in enumerate(images):
@@ -353,7 +357,7 @@ class TrainingEvaluation:
         log_cfg, size = cfg.log, cfg.data.resolution
         settings = GenerationSettings(steps=log_cfg.eval_steps, cfg=log_cfg.eval_cfg, width=size, height=size, seed=0,
                                       batch_size=log_cfg.eval_images_per_prompt,
-                                      shift=timestep_shift(cfg.train.t_shift, (size // VAE_DOWNSAMPLING,) * 2))
+                                      shift=sampling_shift(cfg))
         self.evaluator = Evaluator(
             read_prompts(log_cfg.eval_prompts_file, "log.eval_prompts_file"), log_cfg.eval_reference,
             inception=log_cfg.eval_inception, clip=log_cfg.eval_clip, settings=settings, device=pipelines.device,
