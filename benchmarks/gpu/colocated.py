@@ -29,17 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing; the demo data builder lives with the tests
 
 from tests.trainer.demo_dataset import build_demo_dataset  # noqa: E402
-from trainer.data import open_index  # noqa: E402
+from trainer.data import BucketSampler, open_index  # noqa: E402
 from trainer.metrics import read_metrics  # noqa: E402
 
 DEMO_CONFIG = REPO / "configs" / "train" / "demo.yaml"
@@ -84,13 +84,14 @@ def cases(args) -> list[Case]:
 
 
 def trained_side(data_root: Path, resolution: int, batch: int) -> float:
-    """The side of a square of the mean pixels of the images a run trains on. Buckets keep the long side at
-    the resolution and the trainer drops buckets smaller than a batch, so the images have fewer pixels than
-    resolution^2: images/s are of these, not of squares."""
+    """The side of a square of the mean pixels of the images one epoch of the trainer's sampler draws. Buckets
+    keep the long side at the resolution and buckets smaller than a batch are dropped, so the images have
+    fewer pixels than resolution^2: images/s are of these, not of squares."""
     index = open_index(data_root, resolution)
-    buckets = Counter(zip(index["height"].to_pylist(), index["width"].to_pylist()))
-    trained = {(h, w): n // batch * batch for (h, w), n in buckets.items()}
-    return math.sqrt(sum(h * w * n for (h, w), n in trained.items()) / sum(trained.values()))
+    sampler = BucketSampler(index, batch, seed=0)
+    batches = iter(sampler)
+    rows = np.concatenate([next(batches) for _ in range(sampler.batches_per_epoch)])
+    return math.sqrt(float(np.mean(index["height"].to_numpy()[rows] * index["width"].to_numpy()[rows])))
 
 
 def run_case(case: Case, data_root: Path, run_dir: Path, compile_model: bool, workers: int, timeout_s: float) -> dict:
