@@ -4,6 +4,7 @@ environment the scripts hand on are what a cluster would get."""
 
 import os
 import shlex
+import socket
 import subprocess
 from pathlib import Path
 
@@ -38,6 +39,30 @@ def test_slurm_passes_the_cpus_on_and_takes_the_port_from_the_job(tmp_path):
     assert lines[0] == "srun 64 2 [] 123456 head-node:29956"
     assert lines[1:] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "scripts/train_node.sh",
                          "configs/train/reference-256.yaml", "--resume", OVERRIDE]
+
+
+def test_slurm_skips_a_rendezvous_port_in_use_on_the_head_node(tmp_path):
+    job_id, taken = _listen_on_a_job_port()
+    with taken:  # another job's rendezvous, on the port this job's id maps to
+        port = taken.getsockname()[1]
+        lines = _run("scripts/slurm/train.sh", {"SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1",
+                                                "SLURM_JOB_ID": str(job_id), "SLURM_CPUS_PER_TASK": "8"},
+                     tmp_path, "c.yaml")
+    host, _, chosen = lines[0].split()[-1].rpartition(":")
+    assert host == "head-node" and port < int(chosen) < port + 1000
+
+
+def _listen_on_a_job_port() -> tuple[int, socket.socket]:
+    for job_id in range(123456, 124456):
+        probe = socket.socket()
+        try:
+            probe.bind(("", 29500 + job_id % 1000))
+        except OSError:
+            probe.close()
+            continue
+        probe.listen()
+        return job_id, probe
+    raise AssertionError("no port in 29500-30499 is free here")
 
 
 def test_train_node_starts_one_rank_per_visible_gpu_and_resumes_when_it_may_restart(tmp_path):
