@@ -73,6 +73,8 @@ class _LineBreaks(io.RawIOBase):
         self._raw = raw
         self._out = b""  # translated, not yet read
         self._cr = False  # the last byte read was a \r, whose meaning waits on the next byte
+        self.line_ends = 0  # \n and \r\n read so far, counted until the first
+        self.lone_crs = 0
 
     def readable(self) -> bool:
         return True
@@ -81,11 +83,16 @@ class _LineBreaks(io.RawIOBase):
         while not self._out:
             data = self._raw.read(len(buffer))
             if not data:
+                self.lone_crs += self._cr
                 self._out, self._cr = b" " if self._cr else b"", False
                 break
             data = b"\r" * self._cr + data
             self._cr = data.endswith(b"\r")
-            self._out = _one_line_break(data[:-1] if self._cr else data)
+            data = data[:-1] if self._cr else data
+            if not self.line_ends:  # all that _refuse_cr_line_ends asks is whether a file has any
+                self.line_ends += data.count(b"\n")
+                self.lone_crs += data.count(b"\r") - data.count(b"\r\n")
+            self._out = _one_line_break(data)
         n = min(len(buffer), len(self._out))
         buffer[:n], self._out = self._out[:n], self._out[n:]
         return n
@@ -102,7 +109,11 @@ def _read_tsv(path: Path, source: SourceConfig) -> pa.Table:
     malformed: list = []
     # pyarrow opens a .gz or .bz2 list by its name, as its CSV reader does given a path.
     with pa.input_stream(str(path), compression="detect") as raw:
-        table = pacsv.read_csv(io.BufferedReader(_LineBreaks(raw)), **_tsv_options(source, malformed))
+        lines = _LineBreaks(raw)
+        try:
+            table = pacsv.read_csv(io.BufferedReader(lines), **_tsv_options(source, malformed))
+        finally:  # a header alone on its only line fails to parse: the line ends are what to report
+            _refuse_cr_line_ends(lines, path, source)
     if not malformed:
         return table
     # Split at \n alone, as pyarrow's reader does once _one_line_break is done: not at str.splitlines' \u2028.
@@ -123,6 +134,14 @@ def _read_tsv(path: Path, source: SourceConfig) -> pa.Table:
                 "the caption, missing fields empty), e.g. %r", source.name, len(malformed), path, len(names),
                 malformed[0].text[:200])
     return pacsv.read_csv(io.BytesIO("\n".join(repaired).encode("utf-8")), **_tsv_options(source))
+
+
+def _refuse_cr_line_ends(lines: _LineBreaks, path: Path, source: SourceConfig) -> None:
+    """A list whose lines all end in a lone \r (classic Mac OS) would be read as one row: refused instead."""
+    if lines.line_ends == 0 and lines.lone_crs > 0:
+        raise ValueError(f"source '{source.name}': {path} ends its lines with a lone \\r ({lines.lone_crs} of them, "
+                         "and no \\n): only \\n and \\r\\n end a line here, as a lone \\r may sit inside a caption; "
+                         "convert the file, e.g. `tr '\\r' '\\n' < list.tsv > list-lf.tsv`")
 
 
 def _cast(raw: pa.Table, name: str, to: pa.DataType, source: SourceConfig, what: str) -> pa.ChunkedArray:

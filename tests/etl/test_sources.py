@@ -130,6 +130,15 @@ def test_only_a_newline_ends_a_tsv_line_and_a_lone_carriage_return_is_a_space(tm
     assert table["caption"].to_pylist()[1:] == ["a dog"] * 99_999
 
 
+def test_a_tsv_whose_lines_end_in_a_lone_carriage_return_is_refused_not_read_as_one_row(tmp_path):
+    path = tmp_path / "mac.tsv"
+    for header, data in ((False, b"http://a/1.jpg\tone\rhttp://a/2.jpg\ttwo\r"),
+                         (True, b"url\tcaption\rhttp://a/1.jpg\tone\rhttp://a/2.jpg\ttwo")):
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=r"mac.tsv ends its lines with a lone \\r \(\d of them, and no \\n\)"):
+            read_url_list(SourceConfig(name="mac", path=path, kind="cc12m_tsv", header=header))
+
+
 def test_missing_column_names_column_file_and_available(tmp_path):
     path = laion_parquet(tmp_path / "laion.parquet", 2)
     source = SourceConfig(name="laion", path=path, url_col="URL", caption_col="caption")
