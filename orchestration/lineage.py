@@ -21,12 +21,22 @@ CHECKPOINT = dg.AssetSpec(
 )
 
 
+def why_not_recorded(dagster_home: str | os.PathLike | None = None) -> str | None:
+    """Why checkpoints cannot be recorded (None: they can). The trainer does not create a Dagster home: one
+    it made would hold no data pipeline run for a checkpoint to be downstream of."""
+    home = dagster_home or os.environ.get("DAGSTER_HOME")
+    if not home:
+        return "DAGSTER_HOME is not set; export the one `sd3 data run` used (./.dagster unless set)"
+    if not Path(home).is_dir():
+        return f"DAGSTER_HOME {home} is not a folder"
+    return None
+
+
 def record_checkpoint(step_dir: Path, metadata: dict, dagster_home: str | os.PathLike | None = None) -> bool:
     """Report one saved checkpoint; returns False (and records nothing) when there is no Dagster home."""
-    home = dagster_home or os.environ.get("DAGSTER_HOME")
-    if not home or not Path(home).is_dir():
+    if why_not_recorded(dagster_home):
         return False
-    os.environ["DAGSTER_HOME"] = str(Path(home).resolve())
+    os.environ["DAGSTER_HOME"] = str(Path(dagster_home or os.environ["DAGSTER_HOME"]).resolve())
     values = {k: v for k, v in metadata.items() if isinstance(v, (int, float, str))}
     values["path"] = dg.MetadataValue.path(str(step_dir))
     with dg.DagsterInstance.get() as instance:

@@ -9,6 +9,7 @@ micro-batch only. Model-group rank 0 writes metrics and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -297,11 +298,17 @@ def _checkpoint(cfg, ctx: ModelRankContext, step, loss, model, ema, optimizer, s
     try:
         # Imported here: only this rank reports lineage, dagster is a slow import, and a GPU training image
         # may not have it at all (seen on an H200 machine): the checkpoint must not depend on it.
-        from orchestration.lineage import record_checkpoint
+        from orchestration.lineage import record_checkpoint, why_not_recorded
 
-        record_checkpoint(step_dir, checkpoint_metadata(step_dir))
+        if not record_checkpoint(step_dir, checkpoint_metadata(step_dir)):
+            _say_once(f"checkpoints are not recorded in Dagster's lineage: {why_not_recorded()}")
     except Exception as err:  # the checkpoint is safe on disk; a lineage store problem must not stop training
         log.warning("could not record %s in Dagster: %s: %s", step_dir, type(err).__name__, err)
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    log.info(message)
 
 
 class TrainingPipelines:
