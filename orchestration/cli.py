@@ -8,28 +8,43 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from trainer.eval_cli import add_parser as add_eval_parser
 from trainer.sample_cli import add_parser as add_sample_parser
 
 WORKSPACE = Path(__file__).resolve().parents[1] / "workspace.yaml"
 # No telemetry: this toolkit runs on machines that reach nothing but package registries. The etl
 # package's warnings (a repaired TSV line, a caption batch that failed) go to each run's event log, in the UI.
-INSTANCE_SETTINGS = """\
-telemetry:
-  enabled: false
-python_logs:
-  managed_python_loggers: [etl]
-"""
+# Run monitoring: a run the daemon launched whose run worker is killed (OOM, SIGKILL) is failed by the code
+# server that spawned it, but the recaption pool slot its step claimed stays taken until the monitoring
+# daemon frees the slots of ended runs (dagster/_daemon/monitoring/concurrency.py). The default run launcher
+# can neither check a worker's health nor resume a run, so resuming is off (Dagster refuses the instance
+# otherwise). A run worker imports the whole pipeline before its run starts: minutes on a busy machine, so
+# the start timeout is well above Dagster's 180 s.
+INSTANCE_SETTINGS = {
+    "telemetry": {"enabled": False},
+    "python_logs": {"managed_python_loggers": ["etl"]},
+    "run_monitoring": {"enabled": True, "poll_interval_seconds": 10, "free_slots_after_run_end_seconds": 10,
+                       "max_resume_run_attempts": 0, "start_timeout_seconds": 600},
+}
 
 
 def dagster_home() -> Path:
-    """DAGSTER_HOME, defaulting to ./.dagster so runs made here show up in `sd3 ui` / `dagster dev`."""
+    """DAGSTER_HOME, defaulting to ./.dagster so runs made here show up in `sd3 ui` / `dagster dev`. Its
+    dagster.yaml gets each section of INSTANCE_SETTINGS it lacks (a home made by an older version lacks the
+    newer ones); a section already there is the user's and stays as it is."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster").resolve()
     os.environ["DAGSTER_HOME"] = str(home)  # Dagster takes only an absolute path
     home.mkdir(parents=True, exist_ok=True)
     settings = home / "dagster.yaml"
-    if not settings.exists():
-        settings.write_text(INSTANCE_SETTINGS)
+    text = settings.read_text() if settings.exists() else ""
+    present = yaml.safe_load(text) or {}
+    missing = {name: value for name, value in INSTANCE_SETTINGS.items() if name not in present}
+    if missing:
+        # Appended, not rewritten: the user's comments and layout survive.
+        separator = "\n" if text and not text.endswith("\n") else ""
+        settings.write_text(text + separator + yaml.safe_dump(missing, sort_keys=False))
     return home
 
 

@@ -7,8 +7,12 @@ list dropped into the watched folder gives the sensor a new source to shard and 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -122,3 +126,82 @@ def test_daemon_launches_what_the_sensor_and_the_schedule_request(finished_pipel
     # The schedule: only the stale shard was recaptioned, and its captions are new.
     assert {(job, partition) for job, partition, _ in summary["schedule"]} == {("recaption_job", stale)}
     assert layout.recaptioned(stale).stat().st_mtime_ns > caption_time_before
+
+
+LAUNCH_RUN = """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
+    __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+# The monitoring daemon polls every poll_interval_seconds and frees a slot free_slots_after_run_end_seconds
+# after its run ended: a few of its ticks.
+SLOT_FREED_TIMEOUT_S = 90
+
+
+def _descendants(pid: int) -> list[int]:
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return children + [d for child in children for d in _descendants(child)]
+
+
+def _run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The pid the run worker announces in its "Started process for run" event (dagster/_grpc/impl.py)."""
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        data = record.dagster_event.engine_event_data
+        if record.message.startswith("Started process for run") and "pid" in data.metadata:
+            return int(data.metadata["pid"].value)
+    return None
+
+
+def test_a_daemon_launched_run_whose_worker_is_killed_fails_and_frees_its_pool_slot(tmp_path, monkeypatch):
+    from orchestration.cli import dagster_home
+    from orchestration.partitions import shards
+
+    home, shard = tmp_path / "home", "stuck-00000"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    dagster_home()  # the instance settings `sd3 ui` runs under
+    config_path = tmp_path / "pipeline.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "root": str(tmp_path / "pipeline"), "sources": [{"name": "demo", "path": str(tmp_path / "urls.parquet")}],
+        "recaption": {"backend": "alt-text"}, "buckets": {"resolutions": [64]}}))
+    layout = DataLayout(tmp_path / "pipeline")
+    layout.filtered(shard).parent.mkdir(parents=True, exist_ok=True)
+    # A FIFO with no writer: the recaption step blocks opening its input, holding its pool slot, until killed.
+    os.mkfifo(layout.filtered(shard))
+    stray: list[int] = []
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(shards.name, [shard])
+        instance.event_log_storage.set_concurrency_slots("recaption", 1)
+        try:
+            with dagster_webserver(home, config_path, tmp_path / "dagster_dev.log", daemon=True) as base_url:
+                [repository] = graphql(base_url, AUTOMATION_QUERY)["repositoriesOrError"]["nodes"]
+                selector = {"repositoryLocationName": repository["location"]["name"],
+                            "repositoryName": repository["name"], "jobName": "recaption_job"}
+                # Submitted like a schedule's request: queued, then launched by the daemon.
+                launched = graphql(base_url, LAUNCH_RUN, {"params": {"selector": selector, "executionMetadata": {
+                    "tags": [{"key": "dagster/partition", "value": shard}]}}})["launchRun"]
+                assert launched["__typename"] == "LaunchRunSuccess", launched
+                run_id = launched["run"]["runId"]
+
+                deadline = time.monotonic() + DAEMON_TIMEOUT_S
+                while not (instance.event_log_storage.get_concurrency_info("recaption").claimed_slots
+                           and (worker := _run_worker_pid(instance, run_id))):
+                    assert time.monotonic() < deadline, f"the run never claimed its slot: " \
+                        f"{instance.get_run_by_id(run_id).status}\n{(tmp_path / 'dagster_dev.log').read_text()[-4000:]}"
+                    time.sleep(1)
+                stray = _descendants(worker)  # the step's process outlives its run worker: ended below
+                os.kill(worker, signal.SIGKILL)
+                killed_at = time.monotonic()
+
+                deadline = killed_at + SLOT_FREED_TIMEOUT_S
+                while not (instance.get_run_by_id(run_id).is_finished
+                           and not instance.event_log_storage.get_concurrency_info("recaption").claimed_slots):
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(1)
+                status = instance.get_run_by_id(run_id).status
+                claimed = instance.event_log_storage.get_concurrency_info("recaption").claimed_slots
+                assert status == dg.DagsterRunStatus.FAILURE
+                assert claimed == [], f"the dead run still holds {claimed} {SLOT_FREED_TIMEOUT_S} s after the kill"
+                print(f"run failed and its slot freed {time.monotonic() - killed_at:.0f} s after the kill")
+        finally:
+            for pid in stray:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

@@ -75,6 +75,27 @@ def test_a_relative_dagster_home_is_made_absolute_for_dagster(tmp_path, monkeypa
         assert instance.root_directory == str(tmp_path / "home")
 
 
+def test_a_home_an_older_version_made_gets_the_newer_instance_settings_and_keeps_its_own(tmp_path, monkeypatch):
+    import yaml
+
+    from orchestration.cli import INSTANCE_SETTINGS, dagster_home
+
+    home = tmp_path / "home"
+    home.mkdir()
+    older = "# mine\ntelemetry:\n  enabled: true\npython_logs:\n  managed_python_loggers: [etl]"  # no run_monitoring
+    (home / "dagster.yaml").write_text(older)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    dagster_home()
+    text = (home / "dagster.yaml").read_text()
+    assert text.startswith(older + "\n")
+    assert yaml.safe_load(text) == {**INSTANCE_SETTINGS, "telemetry": {"enabled": True}}
+    dagster_home()
+    assert (home / "dagster.yaml").read_text() == text
+    with dg.DagsterInstance.get() as instance:  # Dagster takes the settings: monitoring on, no resuming
+        assert instance.run_monitoring_enabled and instance.run_monitoring_max_resume_run_attempts == 0
+        assert "MONITORING" in instance.get_required_daemon_types()
+
+
 def test_the_etl_warnings_reach_the_event_log_of_the_run(tmp_path, monkeypatch):
     import yaml
 
