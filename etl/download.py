@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -56,6 +57,9 @@ _REASONS: list[tuple[re.Pattern, str]] = [
 TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "http_429", "http_502", "http_503", "http_504"})
 # What a shard downloaded again fetches anew: those, and the samples img2dataset lost.
 RETRIED_REASONS = TRANSIENT_REASONS | {"not_recorded"}
+# A pass killed a moment ago holds its lock until its last thread has exited, and a big address space takes
+# a while to tear down (seconds on a loaded machine): a lock held for longer belongs to a live pass.
+EXITING_PASS_S = 10.0
 
 
 def reason_for(message: str | None) -> str:
@@ -210,6 +214,22 @@ def sample_outcome(record: dict, image_column: str) -> tuple:
     return "kept", image, width, height, original_width, original_height, sha256
 
 
+def _lock_exclusively(lock, within_s: float) -> bool:
+    """Whether ``lock`` could be taken exclusively within ``within_s`` seconds: False when another pass
+    holds it all that time, or the filesystem has no flock."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        except OSError:
+            return False
+
+
 @contextlib.contextmanager
 def _scratch_folder(work_dir: Path) -> Iterator[tuple[Path, int]]:
     """A fresh folder in ``work_dir`` for one img2dataset pass, removed after it, and the fd of the lock
@@ -218,11 +238,7 @@ def _scratch_folder(work_dir: Path) -> Iterator[tuple[Path, int]]:
     folder goes from under it."""
     work_dir.mkdir(parents=True, exist_ok=True)
     with open(work_dir / "lock", "w") as lock:  # opened for writing: NFS locks it exclusively only then
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another pass is live, or the filesystem has no flock: the folders stay
-            pass
-        else:
+        if _lock_exclusively(lock, within_s=EXITING_PASS_S):
             for stale in work_dir.glob("img2dataset-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         with contextlib.suppress(OSError):
