@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from etl.storage import write_atomic
 from trainer.eval_cli import add_parser as add_eval_parser
 from trainer.sample_cli import add_parser as add_sample_parser
 
@@ -44,7 +45,8 @@ def dagster_home() -> Path:
     if missing:
         # Appended, not rewritten: the user's comments and layout survive.
         separator = "\n" if text and not text.endswith("\n") else ""
-        settings.write_text(text + separator + yaml.safe_dump(missing, sort_keys=False))
+        added = text + separator + yaml.safe_dump(missing, sort_keys=False)
+        write_atomic(settings, lambda f: f.write(added.encode()))  # a Dagster process may be reading it
     return home
 
 
