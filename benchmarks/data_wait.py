@@ -3,14 +3,14 @@ and with a deliberately slow loader, to show that prefetching hides a fast enoug
 metric reports real waiting when the loader is the bottleneck.
 
 Each case is a real 4-process run (1 loader : 3 model ranks, gloo) of configs/train/demo.yaml on the demo
-data set at 128 px, launched with torchrun from this script. The slow loader sleeps in the feeder
+data set at its resolution (64 px), launched with torchrun from this script. The slow loader sleeps in the feeder
 (env SD3_BENCH_LOADER_SLEEP_S, a benchmark knob read by trainer/feeder.py). For the slow cases the
 expected fraction follows from the fast case: when the loader is the bottleneck a step lasts one loader
 period, of which the model ranks compute for the fast case's compute time and wait for the rest:
 expected = 1 - compute_fast / step_slow.
 
-    .venv/bin/python benchmarks/data_wait.py                        # ~2 minutes on a 2-core box
-    .venv/bin/python benchmarks/data_wait.py --steps 60 --sleep 0.5 1.0 --images 192
+    .venv/bin/python benchmarks/data_wait.py                        # ~4 minutes on a 2-core box
+    .venv/bin/python benchmarks/data_wait.py --steps 60 --sleep 0.5 1.0 --images 480
 """
 
 from __future__ import annotations
@@ -23,20 +23,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer.config import load_train_config
 from trainer.feeder import SLOW_LOADER_ENV
+from trainer.loop import images_per_step
 from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the demo data builder lives with the tests
 from tests.trainer.demo_dataset import build_demo_dataset  # noqa: E402
 
-WARMUP_STEPS = 2  # the first steps include process start and the first batch's decoding
-IMAGES_PER_STEP = 4 * 3  # demo.yaml: batch_size 4 per model rank, 3 model ranks
+WARMUP_STEPS = 8  # the first steps include process start, the decode worker filling up and the first sends
+DEMO_CONFIG = REPO / "configs" / "train" / "demo.yaml"
+DEMO = load_train_config(DEMO_CONFIG)
+IMAGES_PER_STEP = images_per_step(DEMO, num_model_ranks=len(DEMO.topology.loader_to_model[0]))
 
 
 def run_case(data_root: Path, run_dir: Path, steps: int, prefetch: int, sleep_s: float) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-               str(REPO / "trainer" / "train.py"), "--config", str(REPO / "configs" / "train" / "demo.yaml"),
+               str(REPO / "trainer" / "train.py"), "--config", str(DEMO_CONFIG),
                f"data.root={data_root}", f"checkpoint.dir={run_dir}", f"train.total_steps={steps}",
                f"checkpoint.every={steps}", f"topology.prefetch={prefetch}", "log.progress=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", SLOW_LOADER_ENV: str(sleep_s)}
@@ -51,14 +55,14 @@ def run_case(data_root: Path, run_dir: Path, steps: int, prefetch: int, sleep_s:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--images", type=int, default=96, help="demo images to build (128 px)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--images", type=int, default=240, help="demo images to build")
     parser.add_argument("--sleep", type=float, nargs="+", default=[1.0], help="slow-loader sleeps per batch (s)")
     parser.add_argument("--prefetch", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data_root = build_demo_dataset(tmp / "data", n=args.images, resolution=128)
+        data_root = build_demo_dataset(tmp / "data", n=args.images, resolution=DEMO.data.resolution)
         cases = [("demo loader", 0.0)] + [(f"loader +{s:g} s/batch", s) for s in args.sleep]
         results = {}
         for i, (name, sleep_s) in enumerate(cases):
