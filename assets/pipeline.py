@@ -33,6 +33,7 @@ from etl.schema import StepResult
 from etl.sources import imported_shards, write_url_shards
 from etl.storage import content_version, read_parquet, read_parquet_versioned, write_parquet_atomic
 from orchestration import partitions
+from orchestration.lifetime import end_with_parent
 from orchestration.records import current_version, latest_materialization, latest_materializations
 from orchestration.resources import PipelineResource
 
@@ -245,6 +246,7 @@ def build_pipeline_assets(config: PipelineConfig) -> list[dg.AssetsDefinition]:
               pool="recaption", kinds={"parquet"})
     def recaptioned(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
         """A detailed and a short caption per image (VLM then LLM; `alt-text` for smoke runs)."""
+        end_with_parent()  # a step process whose run worker was killed would keep its GPU
         shard, layout, cfg = context.partition_key, pipeline.layout, pipeline.config
         table, filtered_version = read_parquet_versioned(layout.filtered(shard))
         start = time.perf_counter()

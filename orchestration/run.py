@@ -30,6 +30,7 @@ from orchestration import partitions
 from orchestration.automation import UNFINISHED
 from orchestration.definitions import CONFIG_ENV, STAGE_JOBS, build_definitions
 from orchestration.freshness import Freshness
+from orchestration.lifetime import end_with_parent, parent_gone
 
 
 class PipelineError(RuntimeError):
@@ -115,13 +116,18 @@ def recaption_pool_limit(config: PipelineConfig) -> int:
 
 def execute_partition(job_name: str, tags: dict[str, str]) -> list[str]:
     """One Dagster run of a stage job (in a pool worker); returns its failure messages (empty: success)."""
+    end_with_parent()  # a killed `sd3 data run` stops its runs, rather than leave them captioning for hours
     job = dg.build_reconstructable_job("orchestration.definitions", "stage_job", (job_name,))
-    with dg.DagsterInstance.get() as instance:
-        # Step events still reach the instance (and the UI); the console only hears about problems.
-        quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-        result = dg.execute_job(job, instance, tags={**tags, EXECUTOR_TAG: f"{socket.gethostname()}:{os.getpid()}"},
-                                run_config=quiet)
-        return [] if result.success else _failure_messages(result)
+    try:
+        with dg.DagsterInstance.get() as instance:
+            # Step events still reach the instance (and the UI); the console only hears about problems.
+            quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+            result = dg.execute_job(job, instance, run_config=quiet,
+                                    tags={**tags, EXECUTOR_TAG: f"{socket.gethostname()}:{os.getpid()}"})
+            return [] if result.success else _failure_messages(result)
+    finally:
+        if parent_gone():  # the run was interrupted and has recorded its failure; no one waits for this worker
+            os._exit(1)
 
 
 def run_pipeline(config_path: str | Path, log=print, force: bool | Collection[str] = False) -> PipelineReport:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import dagster as dg
 
 from orchestration.run import EXECUTOR_TAG, end_orphaned_runs
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _dead_pid() -> int:
@@ -114,3 +120,94 @@ def test_the_etl_warnings_reach_the_event_log_of_the_run(tmp_path, monkeypatch):
         result = defs.resolve_job_def("url_shards_job").execute_in_process(instance=instance)
         messages = [event.user_message for event in instance.all_logs(result.run_id)]
     assert any("1 lines of" in m and "do not have its 2 columns; repaired" in m for m in messages), messages
+
+
+# What `sd3 data run` does for one partition: its run in a spawned pool worker, captioning in a process of
+# the worker's. The shard's filtered file is a FIFO no one writes to: the step blocks reading it.
+KILLED_DATA_RUN = """
+import multiprocessing, os, sys
+from concurrent.futures import ProcessPoolExecutor
+
+from orchestration.partitions import shards
+from orchestration.run import execute_partition
+
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    run = pool.submit(execute_partition, "recaption_job", dict(shards.get_tags_for_partition_key(sys.argv[1])))
+    print(run.result(), flush=True)
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return children + [d for child in children for d in _descendants(child)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _step_started(instance: dg.DagsterInstance) -> bool:
+    runs = instance.get_runs()
+    return bool(runs) and any(record.dagster_event.event_type == dg.DagsterEventType.STEP_START
+                              for record in instance.all_logs(runs[0].run_id) if record.dagster_event)
+
+
+def test_a_data_run_killed_outright_stops_its_runs_and_their_steps(tmp_path, monkeypatch):
+    import yaml
+
+    from etl.layout import DataLayout
+    from orchestration.cli import dagster_home
+    from orchestration.definitions import CONFIG_ENV
+    from orchestration.lifetime import UNWIND_S
+    from orchestration.partitions import shards
+
+    shard = "stuck-00000"
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    dagster_home()
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "root": str(tmp_path / "pipeline"), "sources": [{"name": "demo", "path": str(tmp_path / "urls.parquet")}],
+        "recaption": {"backend": "alt-text"}, "buckets": {"resolutions": [64]}}))
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    filtered = DataLayout(tmp_path / "pipeline").filtered(shard)
+    filtered.parent.mkdir(parents=True)
+    os.mkfifo(filtered)
+    (tmp_path / "data_run.py").write_text(KILLED_DATA_RUN)
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(shards.name, [shard])
+        instance.event_log_storage.set_concurrency_slots("recaption", 1)
+        stderr = tmp_path / "stderr.txt"  # a file, not a pipe: processes that outlive the test keep a pipe open
+        with open(stderr, "w") as f:
+            data_run = subprocess.Popen([sys.executable, str(tmp_path / "data_run.py"), shard], cwd=tmp_path,
+                                        env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=f)
+        processes: list[int] = []
+        try:
+            deadline = time.monotonic() + 120
+            while not _step_started(instance):
+                assert data_run.poll() is None and time.monotonic() < deadline, stderr.read_text()[-4000:]
+                time.sleep(0.5)
+            time.sleep(1.0)  # the step is in its blocking read
+            processes = _descendants(data_run.pid)  # the pool worker, its step and their helpers
+            assert len(processes) >= 2
+            data_run.kill()
+            data_run.wait()
+
+            deadline = time.monotonic() + UNWIND_S + 15
+            while any(_running(pid) for pid in processes) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            log = stderr.read_text()
+            assert not [pid for pid in processes if _running(pid)], f"they outlived the data run:\n{log[-4000:]}"
+            # Interrupted, not cut off: the run recorded its failure and gave its captioning slot back.
+            [run] = instance.get_runs()
+            assert run.status == dg.DagsterRunStatus.FAILURE
+            assert instance.event_log_storage.get_concurrency_info("recaption").claimed_slots == []
+            assert "is gone; stopping" in log
+        finally:
+            for pid in [data_run.pid, *processes]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

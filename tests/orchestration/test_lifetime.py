@@ -1,0 +1,86 @@
+"""A process started by multiprocessing ends when its parent is killed outright: interrupted first, so its
+`with` blocks unwind; ended outright when it ignores the interrupt."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestration.lifetime import end_with_parent
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The parent starts a spawned child as Dagster's multiprocess executor does, prints its pid, and waits to be
+# killed. The child blocks opening a FIFO nobody writes to, as the daemon test's step does.
+PARENT = textwrap.dedent("""
+    import multiprocessing, os, signal, sys, time
+    from pathlib import Path
+
+    from orchestration.lifetime import end_with_parent
+
+    def child(fifo, unwound, ignore_interrupts):
+        end_with_parent(unwind_s=2.0)
+        if ignore_interrupts:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            open(fifo).read()
+        finally:
+            Path(unwound).write_text("unwound")
+
+    if __name__ == "__main__":
+        fifo, unwound, ignore = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+        process = multiprocessing.get_context("spawn").Process(target=child, args=(fifo, unwound, ignore))
+        process.start()
+        print(process.pid, flush=True)
+        time.sleep(600)
+""")
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("ignores_interrupts", [False, True], ids=["unwinds", "ignores-the-interrupt"])
+def test_a_child_ends_when_its_parent_is_killed_outright(tmp_path, ignores_interrupts):
+    fifo, unwound = tmp_path / "fifo", tmp_path / "unwound"
+    os.mkfifo(fifo)
+    (tmp_path / "parent.py").write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py"), str(fifo), str(unwound),
+                               "1" if ignores_interrupts else "0"],
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        time.sleep(1.0)  # the child is in its blocking open
+        assert not _gone(child, within_s=0)
+        parent.kill()
+        parent.wait()
+        assert _gone(child, within_s=20), "the child outlived its killed parent"
+        stderr = parent.stderr.read()
+        assert f"({parent.pid}) is gone; stopping" in stderr
+        # Interrupted, its finally block ran; ignoring the interrupt, it was ended without one.
+        assert unwound.exists() == (not ignores_interrupts), stderr
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_process_multiprocessing_did_not_start_has_no_parent_to_watch():
+    assert end_with_parent() is False
