@@ -25,6 +25,7 @@ from etl.storage import read_parquet, write_parquet_atomic
 from orchestration.lifetime import UNWIND_S
 from orchestration.run import run_pipeline
 from tests.orchestration.browser import dagster_webserver, graphql
+from tests.processes import descendants, still_running
 
 pytestmark = pytest.mark.slow
 
@@ -136,25 +137,6 @@ LAUNCH_RUN = """mutation($params: ExecutionParams!) { launchRun(executionParams:
 SLOT_FREED_TIMEOUT_S = 90
 
 
-def _descendants(pid: int) -> list[int]:
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
-    return children + [d for child in children for d in _descendants(child)]
-
-
-def _still_running(pids: list[int], within_s: float) -> list[int]:
-    """Those of ``pids`` still running (neither gone nor a zombie) after up to ``within_s`` seconds."""
-    def running(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
-    deadline = time.monotonic() + within_s
-    while (alive := [pid for pid in pids if running(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return alive
-
-
 def _run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
     """The pid the run worker announces in its "Started process for run" event (dagster/_grpc/impl.py)."""
     for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
@@ -200,7 +182,7 @@ def test_a_daemon_launched_run_whose_worker_is_killed_fails_frees_its_pool_slot_
                     assert time.monotonic() < deadline, f"the run never claimed its slot: " \
                         f"{instance.get_run_by_id(run_id).status}\n{(tmp_path / 'dagster_dev.log').read_text()[-4000:]}"
                     time.sleep(1)
-                stray = _descendants(worker)  # the step's process (and multiprocessing's helpers)
+                stray = descendants(worker)  # the step's process (and multiprocessing's helpers)
                 assert stray, "the recaption step runs in a process of its own"
                 os.kill(worker, signal.SIGKILL)
                 killed_at = time.monotonic()
@@ -217,7 +199,7 @@ def test_a_daemon_launched_run_whose_worker_is_killed_fails_frees_its_pool_slot_
                 assert claimed == [], f"the dead run still holds {claimed} {SLOT_FREED_TIMEOUT_S} s after the kill"
                 print(f"run failed and its slot freed {time.monotonic() - killed_at:.0f} s after the kill")
                 # The step was blocked in a read: it is interrupted, not left captioning on a GPU it holds.
-                alive = _still_running(stray, within_s=UNWIND_S + 15)
+                alive = still_running(stray, within_s=UNWIND_S + 15)
                 assert not alive, f"the killed worker's processes {alive} outlived it\n" \
                     f"{(tmp_path / 'dagster_dev.log').read_text()[-4000:]}"
         finally:

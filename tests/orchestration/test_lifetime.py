@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.lifetime import end_with_parent
+from tests.processes import running, still_running
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,18 +44,6 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def _gone(pid: int, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.parametrize("ignores_interrupts", [False, True], ids=["unwinds", "ignores-the-interrupt"])
 def test_a_child_ends_when_its_parent_is_killed_outright(tmp_path, ignores_interrupts):
     fifo, unwound = tmp_path / "fifo", tmp_path / "unwound"
@@ -67,10 +56,10 @@ def test_a_child_ends_when_its_parent_is_killed_outright(tmp_path, ignores_inter
     child = int(parent.stdout.readline())
     try:
         time.sleep(1.0)  # the child is in its blocking open
-        assert not _gone(child, within_s=0)
+        assert running(child)
         parent.kill()
         parent.wait()
-        assert _gone(child, within_s=20), "the child outlived its killed parent"
+        assert not still_running([child], within_s=20), "the child outlived its killed parent"
         stderr = parent.stderr.read()
         assert f"({parent.pid}) is gone; stopping" in stderr
         # Interrupted, its finally block ran; ignoring the interrupt, it was ended without one.

@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 
 from orchestration.run import EXECUTOR_TAG, end_orphaned_runs
+from tests.processes import descendants, still_running
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,19 +139,6 @@ if __name__ == "__main__":
 """
 
 
-def _descendants(pid: int) -> list[int]:
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
-    return children + [d for child in children for d in _descendants(child)]
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _step_started(instance: dg.DagsterInstance) -> bool:
     runs = instance.get_runs()
     return bool(runs) and any(record.dagster_event.event_type == dg.DagsterEventType.STEP_START
@@ -192,16 +180,14 @@ def test_a_data_run_killed_outright_stops_its_runs_and_their_steps(tmp_path, mon
                 assert data_run.poll() is None and time.monotonic() < deadline, stderr.read_text()[-4000:]
                 time.sleep(0.5)
             time.sleep(1.0)  # the step is in its blocking read
-            processes = _descendants(data_run.pid)  # the pool worker, its step and their helpers
+            processes = descendants(data_run.pid)  # the pool worker, its step and their helpers
             assert len(processes) >= 2
             data_run.kill()
             data_run.wait()
 
-            deadline = time.monotonic() + UNWIND_S + 15
-            while any(_running(pid) for pid in processes) and time.monotonic() < deadline:
-                time.sleep(0.5)
+            alive = still_running(processes, within_s=UNWIND_S + 15)
             log = stderr.read_text()
-            assert not [pid for pid in processes if _running(pid)], f"they outlived the data run:\n{log[-4000:]}"
+            assert not alive, f"{alive} outlived the data run:\n{log[-4000:]}"
             # Interrupted, not cut off: the run recorded its failure and gave its captioning slot back.
             [run] = instance.get_runs()
             assert run.status == dg.DagsterRunStatus.FAILURE

@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 
+from tests.processes import descendants
 from tests.trainer.demo_dataset import build_demo_dataset
 from trainer.checkpoint import (TRAINER_STATE, checkpoint_metadata, load_model, load_rank_state, load_trainer_state,
                                 resolve_checkpoint)
@@ -98,20 +99,6 @@ def node_ranks(log: Path) -> list[int]:
 
 def run(command: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        except FileNotFoundError:
-            continue
-        found += [int(c) for c in children]
-        todo += [int(c) for c in children]
-    return found
 
 
 def kill_everything(process: subprocess.Popen) -> None:
