@@ -26,18 +26,19 @@ PARENT = textwrap.dedent("""
 
     from orchestration.lifetime import end_with_parent
 
-    def child(fifo, unwound, ignore_interrupts):
+    def child(fifo, ready, unwound, ignore_interrupts):
         end_with_parent(unwind_s=2.0)
         if ignore_interrupts:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
+            Path(ready).touch()
             open(fifo).read()
         finally:
             Path(unwound).write_text("unwound")
 
     if __name__ == "__main__":
-        fifo, unwound, ignore = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-        process = multiprocessing.get_context("spawn").Process(target=child, args=(fifo, unwound, ignore))
+        fifo, ready, unwound, ignore = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+        process = multiprocessing.get_context("spawn").Process(target=child, args=(fifo, ready, unwound, ignore))
         process.start()
         print(process.pid, flush=True)
         time.sleep(600)
@@ -46,24 +47,29 @@ PARENT = textwrap.dedent("""
 
 @pytest.mark.parametrize("ignores_interrupts", [False, True], ids=["unwinds", "ignores-the-interrupt"])
 def test_a_child_ends_when_its_parent_is_killed_outright(tmp_path, ignores_interrupts):
-    fifo, unwound = tmp_path / "fifo", tmp_path / "unwound"
+    fifo, ready, unwound = tmp_path / "fifo", tmp_path / "ready", tmp_path / "unwound"
     os.mkfifo(fifo)
     (tmp_path / "parent.py").write_text(PARENT)
-    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py"), str(fifo), str(unwound),
-                               "1" if ignores_interrupts else "0"],
-                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = tmp_path / "stderr.txt"  # a file, not a pipe: reading a pipe the child holds would wait for it
+    with open(stderr, "w") as f:
+        parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py"), str(fifo), str(ready), str(unwound),
+                                   "1" if ignores_interrupts else "0"],
+                                  cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                  stdout=subprocess.PIPE, stderr=f, text=True)
     child = int(parent.stdout.readline())
     try:
-        time.sleep(1.0)  # the child is in its blocking open
-        assert running(child)
+        deadline = time.monotonic() + 120  # a spawned child starts slowly on a loaded machine
+        while not ready.exists():
+            assert running(child) and time.monotonic() < deadline, stderr.read_text()
+            time.sleep(0.1)
+        time.sleep(0.5)  # in its blocking open
         parent.kill()
         parent.wait()
-        assert not still_running([child], within_s=20), "the child outlived its killed parent"
-        stderr = parent.stderr.read()
-        assert f"({parent.pid}) is gone; stopping" in stderr
+        assert not still_running([child], within_s=20), f"the child outlived its killed parent\n{stderr.read_text()}"
+        log = stderr.read_text()
+        assert f"({parent.pid}) is gone; stopping" in log
         # Interrupted, its finally block ran; ignoring the interrupt, it was ended without one.
-        assert unwound.exists() == (not ignores_interrupts), stderr
+        assert unwound.exists() == (not ignores_interrupts), log
     finally:
         try:
             os.kill(child, signal.SIGKILL)
