@@ -34,6 +34,10 @@ def end_with_parent(unwind_s: float = UNWIND_S) -> bool:
     parent = multiprocessing.parent_process()
     if parent is None:
         return False
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        # Ignored from birth: a shell ignores SIGINT in what it starts in the background, and a child inherits
+        # that. The interrupt would be lost, and the step ended without recording its failure.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     main_thread = threading.main_thread().ident
 
     def watch() -> None:
