@@ -114,9 +114,9 @@ def _endless_config(data_root, tmp_path):
     return write_config(tmp_path / "train.yaml", config)
 
 
-def _wait_for_two_steps(run_dir, processes: list[subprocess.Popen], timeout: float) -> None:
+def _wait_for_steps(run_dir, processes: list[subprocess.Popen], timeout: float, steps: int = 2) -> None:
     deadline = time.monotonic() + timeout
-    while len(read_metrics(run_dir)) < 2:
+    while len(read_metrics(run_dir)) < steps:
         assert all(p.poll() is None for p in processes), "a process ended before training started"
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.05)
@@ -127,7 +127,7 @@ def test_dead_loader_ends_its_model_ranks(data_root, tmp_path):  # noqa: F811
     run_dir = tmp_path / "run"
     ranks = launch_ranks(4, _endless_config(data_root, tmp_path))
     try:
-        _wait_for_two_steps(run_dir, ranks, timeout=90)
+        _wait_for_steps(run_dir, ranks, timeout=90)
         os.killpg(ranks[0].pid, signal.SIGKILL)  # the loader and its DataLoader workers
         messages = []
         for rank, process in enumerate(ranks[1:], start=1):
@@ -151,7 +151,7 @@ def test_a_dead_node_ends_the_other_node(data_root, tmp_path):  # noqa: F811
     logs = [tmp_path / "node-a.txt", tmp_path / "node-b.txt"]
     nodes = start_nodes(config_path, endpoint, logs)  # node-a hosts the store: the killed node-b does not
     try:
-        _wait_for_two_steps(tmp_path / "run", nodes, timeout=300)
+        _wait_for_steps(tmp_path / "run", nodes, timeout=300)
         kill_everything(nodes[1])
         assert nodes[0].wait(timeout=180) != 0  # timeout_s is 20
         survivors = node_ranks(logs[0])
@@ -174,7 +174,7 @@ def test_a_torchrun_restart_on_its_shared_store_fails_fast_naming_the_switch(dat
     with open(log, "w") as out:
         agent = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for_two_steps(run_dir, [agent], timeout=300)
+        _wait_for_steps(run_dir, [agent], timeout=300)
         kill_rank(agent, 2)
         assert agent.wait(timeout=180) != 0
     finally:
@@ -190,7 +190,11 @@ def test_a_stuck_model_rank_ends_every_other_rank_by_timeout(data_root, tmp_path
     run_dir = tmp_path / "run"
     ranks = launch_ranks(4, _endless_config(data_root, tmp_path))
     try:
-        _wait_for_two_steps(run_dir, ranks, timeout=90)
+        # Past the loader's first sends to each rank, which may wait topology.startup_timeout_s (30 min) while
+        # the rank builds its model: the most validation batches of a rank + prefetch 2 + 2 + accumulation 1
+        # (``run_loader``). Rank 2 in step 10 holds training batch 10, so the loader, sending it, had waited
+        # for batch 8 and its validation batches: past those early sends whatever the validation shares.
+        _wait_for_steps(run_dir, ranks, timeout=120, steps=10)
         os.killpg(ranks[2].pid, signal.SIGSTOP)
         for rank in (0, 1, 3):
             _, stderr = ranks[rank].communicate(timeout=240)
