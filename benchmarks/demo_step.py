@@ -40,12 +40,11 @@ def gflop(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def model_step(cfg, batch: int, **overrides):
+def model_step(cfg, latent_side: int, batch: int, **overrides):
     """A model rank's training step on random inputs of the demo's shapes; -> (step fn, fwd+bwd fn)."""
     settings = cfg.model.overrides | overrides
     model = MMDiT.from_preset(cfg.model.preset, **settings)
-    side = cfg.data.resolution // 8
-    x, t = torch.randn(batch, model.mmdit_config.in_channels, side, side), torch.rand(batch)
+    x, t = torch.randn(batch, model.mmdit_config.in_channels, latent_side, latent_side), torch.rand(batch)
     text = torch.randn(batch, model.mmdit_config.text_len, model.mmdit_config.text_dim)
     pooled = torch.randn(batch, model.mmdit_config.pooled_dim)
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
@@ -78,7 +77,8 @@ def main() -> None:
         with torch.no_grad():
             encoders.encode_text(captions)
 
-    step, forward_backward = model_step(cfg, cfg.train.batch_size)
+    latent_side = cfg.data.resolution // encoders.downsampling
+    step, forward_backward = model_step(cfg, latent_side, cfg.train.batch_size)
     vae_gflop, model_gflop = gflop(encode_images), gflop(forward_backward)
     rows = [(f"loader: VAE encoder, {images} images at {cfg.data.resolution} px", vae_gflop, best_seconds(encode_images)),
             (f"loader: text encoders, {images} captions", None, best_seconds(encode_text)),
@@ -98,7 +98,7 @@ def main() -> None:
     print("| model rank step | ms | vs committed |\n| --- | ---: | ---: |")
     baseline = None
     for name, batch, overrides in variants:
-        seconds = best_seconds(model_step(cfg, batch, **overrides)[0])
+        seconds = best_seconds(model_step(cfg, latent_side, batch, **overrides)[0])
         baseline = baseline or seconds
         print(f"| {name} | {seconds * 1000:.1f} | {seconds / baseline:.2f}x |")
 
