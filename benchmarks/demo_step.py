@@ -16,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.config import load_train_config
 from trainer.encoders import Encoders
-from trainer.model import MMDiT
+from trainer.loop import images_per_step
+from trainer.model import PRESETS, MMDiT
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "demo.yaml"
 ROUNDS, REPEATS = 3, 10
@@ -64,7 +65,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_train_config(DEMO_CONFIG)
     ranks = len(next(iter(cfg.topology.loader_to_model.values())))
-    images = cfg.train.batch_size * ranks
+    images = images_per_step(cfg, ranks)
     encoders = Encoders(cfg.encoders)
     pixels = torch.rand(images, 3, cfg.data.resolution, cfg.data.resolution) * 2 - 1
     captions = ["a red circle on a white background"] * images
@@ -93,7 +94,7 @@ def main() -> None:
     variants = [("committed", cfg.train.batch_size, {}),
                 (f"{text_len - 4} text tokens per encoder", cfg.train.batch_size, {"text_len_per_encoder": text_len - 4}),
                 (f"batch {cfg.train.batch_size - 2}", cfg.train.batch_size - 2, {}),
-                ("one block fewer", cfg.train.batch_size, {"num_blocks": MMDiT.from_preset(cfg.model.preset).mmdit_config.num_blocks - 1}),
+                ("one block fewer", cfg.train.batch_size, {"num_blocks": PRESETS[cfg.model.preset].num_blocks - 1}),
                 ("dim 96", cfg.train.batch_size, {"dim": 96})]
     print("| model rank step | ms | vs committed |\n| --- | ---: | ---: |")
     baseline = None
