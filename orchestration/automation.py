@@ -17,6 +17,7 @@ from etl.config import PipelineConfig
 from etl.layout import DataLayout
 from orchestration import partitions
 from orchestration.freshness import Freshness
+from orchestration.orphans import UNFINISHED, end_orphaned_runs, launched_here
 from orchestration.resources import PipelineResource
 
 
@@ -41,12 +42,6 @@ def shards_to_recaption(instance: dg.DagsterInstance, config: PipelineConfig) ->
     layout = DataLayout(config.root)
     return _stale_with(instance, config, "recaptioned",
                        [shard for shard in layout.shards() if layout.filtered(shard).exists()], "filtered")
-
-
-# A run in one of these may still write its partition: requesting the partition again would start a
-# second run over the same shard (a schedule's run keys only dedupe within one tick).
-UNFINISHED = (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
-              dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
 
 
 def _has_run(instance: dg.DagsterInstance, run_key: str) -> bool:
@@ -82,12 +77,22 @@ def _stale_with(instance, config, asset: str, keys: list[str], name: str) -> lis
     return [(key, version) for key in freshness.to_run(asset, keys) if (version := (inputs(key) or {}).get(name))]
 
 
+def _end_orphaned_runs(context: dg.SensorEvaluationContext | dg.ScheduleEvaluationContext) -> None:
+    """Each tick first fails the runs whose process is gone (orchestration/orphans.py): one such run holds its
+    shard and its pool slot for good."""
+    ended = end_orphaned_runs(context.instance)
+    if ended:
+        context.log.warning(f"marked {len(ended)} run(s) whose process is gone as failed, freeing their slots: "
+                            + ", ".join(ended))
+
+
 def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJobDefinition]
                      ) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
     @dg.sensor(jobs=[jobs["url_shards_job"], jobs["download_job"]],
                minimum_interval_seconds=config.automation.sensor_interval_s,
                description="Splits new or grown URL lists into shards, then downloads shards not yet downloaded.")
     def url_lists_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineResource):
+        _end_orphaned_runs(context)
         instance, retries = context.instance, pipeline.config.automation.retries
         fingerprints = url_list_fingerprints(pipeline.config)
         cursor = json.loads(context.cursor) if context.cursor else {}
@@ -100,7 +105,8 @@ def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJ
         failed = failed_runs_by_request(instance, "url_shards_job")[request]
         retry = 0 < failed <= retries and not _has_run(instance, attempt_key(request, failed))
         if sharding != cursor.get("sharding", 0) or retry:
-            requests.append(dg.RunRequest(job_name="url_shards_job", run_key=attempt_key(request, failed)))
+            requests.append(dg.RunRequest(job_name="url_shards_job", run_key=attempt_key(request, failed),
+                                          tags=launched_here()))
         elif failed > retries:
             given_up.append("the URL lists")
         # A shard's request changes with its URL rows and with each materialization of it: a shard
@@ -114,7 +120,8 @@ def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJ
                 given_up.append(shard)
                 continue
             requests.append(dg.RunRequest(job_name="download_job", partition_key=shard,
-                                          run_key=attempt_key(request, failed_downloads[request])))
+                                          run_key=attempt_key(request, failed_downloads[request]),
+                                          tags=launched_here()))
         gave_up = (f"{len(given_up)} requests failed {retries + 1} times ({', '.join(given_up[:5])}"
                    f"{' ...' if len(given_up) > 5 else ''}): see their runs; `sd3 data run` or the UI runs them again")
         if not requests:
@@ -127,9 +134,10 @@ def build_automation(config: PipelineConfig, jobs: dict[str, dg.UnresolvedAssetJ
     @dg.schedule(cron_schedule=config.automation.recaption_cron, job=jobs["recaption_job"],
                  description="Recaptions filtered shards whose captions are not up to date.")
     def recaption_backfill(context: dg.ScheduleEvaluationContext, pipeline: PipelineResource):
+        _end_orphaned_runs(context)
         stale = shards_to_recaption(context.instance, pipeline.config)
         running = partitions_in_flight(context.instance, "recaption_job")  # an hour may not caption a shard
-        requests = [dg.RunRequest(partition_key=shard, run_key=f"recaption-{shard}-{version}")
+        requests = [dg.RunRequest(partition_key=shard, run_key=f"recaption-{shard}-{version}", tags=launched_here())
                     for shard, version in stale if shard not in running]
         if not requests:
             return dg.SkipReason("every filtered shard is recaptioned" if not stale else

@@ -27,10 +27,10 @@ from etl.config import PipelineConfig
 from etl.layout import DataLayout
 from etl.report import PipelineReport, pipeline_report
 from orchestration import partitions
-from orchestration.automation import UNFINISHED
 from orchestration.definitions import CONFIG_ENV, STAGE_JOBS, build_definitions
 from orchestration.freshness import Freshness
 from orchestration.lifetime import end_with_parent, parent_gone
+from orchestration.orphans import EXECUTOR_TAG, end_orphaned_runs
 
 
 class PipelineError(RuntimeError):
@@ -63,12 +63,6 @@ def _partition_keys(kind: str | None, config: PipelineConfig, layout: DataLayout
     ]
 
 
-# The process that executes a run: "<host>:<pid>" (a pool worker of `sd3 data run`). A run whose process is
-# gone can never end on its own, and the concurrency slot it holds (recaption's pool) would block every
-# later run for good.
-EXECUTOR_TAG = "sd3/executor"
-
-
 def _tags(kind: str | None, key: str | None, config: PipelineConfig) -> dict[str, str]:
     if key is None:
         return {}
@@ -77,32 +71,6 @@ def _tags(kind: str | None, key: str | None, config: PipelineConfig) -> dict[str
     if kind == "resolution":
         return dict(partitions.resolutions(config.buckets.resolutions).get_tags_for_partition_key(key))
     return dict(partitions.shard_by_resolution(config.buckets.resolutions).get_tags_for_partition_key(key))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def end_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
-    """Mark failed the unfinished runs that an `sd3 data run` on this host executed in a process that is
-    gone (it was killed), and free their concurrency slots; returns their run ids."""
-    host = socket.gethostname()
-    ended = []
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=list(UNFINISHED))):
-        executor = run.tags.get(EXECUTOR_TAG, "")  # runs the daemon launched have none
-        executor_host, _, pid = executor.rpartition(":")
-        if executor_host != host or not pid.isdigit() or _alive(int(pid)):
-            continue
-        instance.report_run_failed(run, message=f"the process running it ({executor}) ended before the run did")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        ended.append(run.run_id)
-    return ended
 
 
 def recaption_pool_limit(config: PipelineConfig) -> int:
@@ -142,7 +110,7 @@ def run_pipeline(config_path: str | Path, log=print, force: bool | Collection[st
         instance.event_log_storage.set_concurrency_slots("recaption", recaption_pool_limit(config))
         orphaned = end_orphaned_runs(instance)
         if orphaned:
-            log(f"marked {len(orphaned)} run(s) of an `sd3 data run` that was stopped as failed, freeing their slots")
+            log(f"marked {len(orphaned)} run(s) whose process is gone as failed, freeing their slots")
     layout = DataLayout(config.root)
 
     stages = [name for _, name, _ in STAGE_JOBS]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import dagster as dg
@@ -10,10 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from dagster._core.events import EngineEventData
 
 from etl.layout import DataLayout
 from etl.storage import write_parquet_atomic
 from orchestration.definitions import build_definitions
+from orchestration.orphans import LAUNCHED_ON_TAG
 
 
 def url_list(path, n):
@@ -64,6 +69,19 @@ def test_sensor_registers_new_url_lists_and_requests_downloads(setup):
     url_list(watch / "cc12m-extra.parquet", 3)
     third = evaluate_sensor(defs, instance, cursor=second.cursor)
     assert "url_shards_job" in [r.job_name for r in third.run_requests]
+
+
+def test_a_sensor_tick_fails_a_run_whose_worker_died_with_its_code_server(setup):
+    defs, instance, _, _ = setup
+    first = evaluate_sensor(defs, instance)
+    assert [r.tags for r in first.run_requests] == [{LAUNCHED_ON_TAG: socket.gethostname()}]
+    run = instance.add_run(dg.DagsterRun(job_name="url_shards_job", run_id="worker-killed",
+                                         status=dg.DagsterRunStatus.STARTED, tags=first.run_requests[0].tags))
+    worker = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    instance.report_engine_event(f"Started process for run (pid: {worker.stdout.strip()}).", run,
+                                 EngineEventData.in_process(int(worker.stdout)))
+    evaluate_sensor(defs, instance, cursor=first.cursor)
+    assert instance.get_run_by_id("worker-killed").status == dg.DagsterRunStatus.FAILURE
 
 
 def test_shards_gone_from_the_url_lists_leave_the_partitions(setup):
@@ -117,11 +135,28 @@ def test_schedule_backfills_the_captions_that_are_not_up_to_date(setup):
     assert sorted(r.partition_key for r in requests) == sorted(shards[1:])
     assert schedule.cron_schedule == "*/15 * * * *"
 
-    # A shard whose run is still going is not requested a second time at the next tick.
-    instance.add_run(dg.DagsterRun(job_name="recaption_job", run_id="still-captioning",
-                                   status=dg.DagsterRunStatus.STARTED, tags={"dagster/partition": shards[2]}))
+    assert all(r.tags[LAUNCHED_ON_TAG] == socket.gethostname() for r in requests)
+
+    # A shard whose run is still going is not requested a second time at the next tick...
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        run = instance.add_run(dg.DagsterRun(job_name="recaption_job", run_id="still-captioning",
+                                             status=dg.DagsterRunStatus.STARTED,
+                                             tags={"dagster/partition": shards[2], **requests[0].tags}))
+        instance.report_engine_event(f"Started process for run (pid: {worker.pid}).", run,
+                                     EngineEventData.in_process(worker.pid))
+        instance.event_log_storage.claim_concurrency_slot("recaption", run.run_id, "recaptioned")
+        with dg.build_schedule_context(instance=instance, resources=resources(defs)) as context:
+            assert [r.partition_key for r in schedule(context)] == [shards[1]]
+    finally:
+        worker.kill()
+        worker.wait()
+    # ...unless its worker died (with the code server that could have said so): the tick fails the run,
+    # frees its slot, and asks for the shard again.
     with dg.build_schedule_context(instance=instance, resources=resources(defs)) as context:
-        assert [r.partition_key for r in schedule(context)] == [shards[1]]
+        assert sorted(r.partition_key for r in schedule(context)) == sorted(shards[1:])
+    assert instance.get_run_by_id("still-captioning").status == dg.DagsterRunStatus.FAILURE
+    assert instance.event_log_storage.get_concurrency_info("recaption").claimed_slots == []
 
 
 def test_a_shard_breaking_the_bucket_invariants_is_neither_written_nor_recorded(setup, monkeypatch):

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from etl.layout import DataLayout
 from etl.serve import serve_directory
 from etl.storage import read_parquet, write_parquet_atomic
 from orchestration.lifetime import UNWIND_S
+from orchestration.orphans import LAUNCHED_ON_TAG, run_worker_pid
 from orchestration.run import run_pipeline
 from tests.orchestration.browser import dagster_webserver, graphql
 from tests.processes import descendants, still_running
@@ -120,6 +122,8 @@ def test_daemon_launches_what_the_sensor_and_the_schedule_request(finished_pipel
 
     failed = [s for rs in summary.values() for s in rs if s[2] != "SUCCESS"]
     assert not failed, f"daemon-launched runs failed: {failed}\n{log}"
+    # Each says which host its worker ran on: a tick fails it should that worker die with its code server.
+    assert {r.tags.get(LAUNCHED_ON_TAG) for rs in runs.values() for r in rs} == {socket.gethostname()}
     # The sensor: the dropped list became a source, its shards were registered and downloaded.
     assert {job for job, _, _ in summary["sensor"]} == {"url_shards_job", "download_job"}
     for shard in new_shards:
@@ -135,15 +139,6 @@ LAUNCH_RUN = """mutation($params: ExecutionParams!) { launchRun(executionParams:
 # The monitoring daemon polls every poll_interval_seconds and frees a slot free_slots_after_run_end_seconds
 # after its run ended: a few of its ticks.
 SLOT_FREED_TIMEOUT_S = 90
-
-
-def _run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
-    """The pid the run worker announces in its "Started process for run" event (dagster/_grpc/impl.py)."""
-    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
-        data = record.dagster_event.engine_event_data
-        if record.message.startswith("Started process for run") and "pid" in data.metadata:
-            return int(data.metadata["pid"].value)
-    return None
 
 
 def test_a_daemon_launched_run_whose_worker_is_killed_fails_frees_its_pool_slot_and_its_step_ends(tmp_path, monkeypatch):
@@ -178,7 +173,7 @@ def test_a_daemon_launched_run_whose_worker_is_killed_fails_frees_its_pool_slot_
 
                 deadline = time.monotonic() + DAEMON_TIMEOUT_S
                 while not (instance.event_log_storage.get_concurrency_info("recaption").claimed_slots
-                           and (worker := _run_worker_pid(instance, run_id))):
+                           and (worker := run_worker_pid(instance, run_id))):
                     assert time.monotonic() < deadline, f"the run never claimed its slot: " \
                         f"{instance.get_run_by_id(run_id).status}\n{(tmp_path / 'dagster_dev.log').read_text()[-4000:]}"
                     time.sleep(1)

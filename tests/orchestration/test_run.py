@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,38 +12,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.run import EXECUTOR_TAG, end_orphaned_runs
 from tests.processes import descendants, still_running
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_runs_whose_process_died_are_failed_and_their_pool_slots_freed():
-    host = socket.gethostname()
-    with dg.instance_for_test() as instance:
-        instance.event_log_storage.set_concurrency_slots("recaption", 1)
-        runs = {
-            "orphan": {EXECUTOR_TAG: f"{host}:{_dead_pid()}"},  # its `sd3 data run` was killed mid-step
-            "running": {EXECUTOR_TAG: f"{host}:{os.getpid()}"},  # this process: alive
-            "daemon": {},  # launched by the Dagster daemon: not ours to judge
-            "elsewhere": {EXECUTOR_TAG: f"another-host:{_dead_pid()}"},
-        }
-        for run_id, tags in runs.items():
-            instance.add_run(dg.DagsterRun(job_name="recaption_job", run_id=run_id,
-                                           status=dg.DagsterRunStatus.STARTED, tags=tags))
-        instance.event_log_storage.claim_concurrency_slot("recaption", "orphan", "recaptioned")
-
-        assert end_orphaned_runs(instance) == ["orphan"]
-        statuses = {run_id: instance.get_run_by_id(run_id).status for run_id in runs}
-        assert statuses == {"orphan": dg.DagsterRunStatus.FAILURE, "running": dg.DagsterRunStatus.STARTED,
-                            "daemon": dg.DagsterRunStatus.STARTED, "elsewhere": dg.DagsterRunStatus.STARTED}
-        assert instance.event_log_storage.get_concurrency_info("recaption").claimed_slots == []
 
 
 def test_two_roots_on_one_instance_never_share_a_stage_version(tmp_path):

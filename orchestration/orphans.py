@@ -1,0 +1,82 @@
+"""Runs whose process is gone: failed, and their concurrency slots freed.
+
+Such a run can never end on its own, and the slot it holds (recaption's pool) would block every later run
+for good, as would the run itself to the schedule, which requests no shard an unfinished run is working on.
+Dagster's run monitoring fails a run whose worker died only when someone can tell: the code server that
+spawned the worker (gone too when it was killed with it), or a run launcher that checks worker health (the
+default one cannot). So the processes that know where a run executes judge it here: `sd3 data run` at its
+start, and the sensor and the schedule at each tick.
+
+A run is judged only where its process is known to be on this host: a pool worker of `sd3 data run` tags its
+runs with its host and pid; the sensor's and the schedule's runs carry the host of the code server whose
+default run launcher starts their worker there, whose pid the worker reports in its first engine event. Runs
+launched from the UI carry neither and are left to run monitoring.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import dagster as dg
+
+# A run in one of these may still write its partition: requesting the partition again would start a
+# second run over the same shard (a schedule's run keys only dedupe within one tick).
+UNFINISHED = (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
+# "<host>:<pid>" of the process that executes a run (a pool worker of `sd3 data run`).
+EXECUTOR_TAG = "sd3/executor"
+# The host of the code server that launched a run the sensor or the schedule requested.
+LAUNCHED_ON_TAG = "sd3/launched-on"
+
+
+def launched_here() -> dict[str, str]:
+    """Tags for a run request: its worker will run on this host (a sensor or schedule is evaluated in the
+    code server that launches its runs)."""
+    return {LAUNCHED_ON_TAG: socket.gethostname()}
+
+
+def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The pid the run worker announces in its "Started process for run" event (dagster/_grpc/impl.py)."""
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        data = record.dagster_event.engine_event_data
+        if record.message.startswith("Started process for run") and "pid" in data.metadata:
+            return int(data.metadata["pid"].value)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _local_process(instance: dg.DagsterInstance, run: dg.DagsterRun, host: str) -> int | None:
+    """The pid of the process on ``host`` that executes ``run``; None where it is elsewhere or not known."""
+    executor = run.tags.get(EXECUTOR_TAG)
+    if executor:
+        executor_host, _, pid = executor.rpartition(":")
+        return int(pid) if executor_host == host and pid.isdigit() else None
+    # Another launcher (Docker, Kubernetes) starts the worker elsewhere, and a pid there means nothing here.
+    if run.tags.get(LAUNCHED_ON_TAG) == host and isinstance(instance.run_launcher, dg.DefaultRunLauncher):
+        return run_worker_pid(instance, run.run_id)  # None until the worker has started
+    return None
+
+
+def end_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed the unfinished runs whose process on this host is gone, and free their concurrency slots;
+    returns their run ids."""
+    host = socket.gethostname()
+    ended = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=list(UNFINISHED))):
+        pid = _local_process(instance, run, host)
+        if pid is None or _alive(pid):
+            continue
+        instance.report_run_failed(run, message=f"its process (pid {pid} on {host}) ended before the run did")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        ended.append(run.run_id)
+    return ended
