@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,7 +29,7 @@ from orchestration import partitions
 from orchestration.definitions import CONFIG_ENV, STAGE_JOBS, build_definitions
 from orchestration.freshness import Freshness
 from orchestration.lifetime import end_with_parent, parent_gone
-from orchestration.orphans import EXECUTOR_TAG, end_orphaned_runs
+from orchestration.orphans import end_orphaned_runs, executor_tags
 
 
 class PipelineError(RuntimeError):
@@ -91,7 +90,7 @@ def execute_partition(job_name: str, tags: dict[str, str]) -> list[str]:
             # Step events still reach the instance (and the UI); the console only hears about problems.
             quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
             result = dg.execute_job(job, instance, run_config=quiet,
-                                    tags={**tags, EXECUTOR_TAG: f"{socket.gethostname()}:{os.getpid()}"})
+                                    tags={**tags, **executor_tags()})
             return [] if result.success else _failure_messages(result)
     finally:
         if parent_gone():  # the run was interrupted and has recorded its failure; no one waits for this worker

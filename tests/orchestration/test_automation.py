@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from dagster._core.events import EngineEventData
 from etl.layout import DataLayout
 from etl.storage import write_parquet_atomic
 from orchestration.definitions import build_definitions
-from orchestration.orphans import LAUNCHED_ON_TAG
+from orchestration.orphans import LAUNCHED_ON_TAG, process_space
 
 
 def url_list(path, n):
@@ -74,7 +73,7 @@ def test_sensor_registers_new_url_lists_and_requests_downloads(setup):
 def test_a_sensor_tick_fails_a_run_whose_worker_died_with_its_code_server(setup):
     defs, instance, _, _ = setup
     first = evaluate_sensor(defs, instance)
-    assert [r.tags for r in first.run_requests] == [{LAUNCHED_ON_TAG: socket.gethostname()}]
+    assert [r.tags for r in first.run_requests] == [{LAUNCHED_ON_TAG: process_space()}]
     run = instance.add_run(dg.DagsterRun(job_name="url_shards_job", run_id="worker-killed",
                                          status=dg.DagsterRunStatus.STARTED, tags=first.run_requests[0].tags))
     worker = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -135,7 +134,7 @@ def test_schedule_backfills_the_captions_that_are_not_up_to_date(setup):
     assert sorted(r.partition_key for r in requests) == sorted(shards[1:])
     assert schedule.cron_schedule == "*/15 * * * *"
 
-    assert all(r.tags[LAUNCHED_ON_TAG] == socket.gethostname() for r in requests)
+    assert all(r.tags[LAUNCHED_ON_TAG] == process_space() for r in requests)
 
     # A shard whose run is still going is not requested a second time at the next tick...
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])

@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from etl.layout import DataLayout
 from etl.serve import serve_directory
 from etl.storage import read_parquet, write_parquet_atomic
 from orchestration.lifetime import UNWIND_S
-from orchestration.orphans import LAUNCHED_ON_TAG, run_worker_pid
+from orchestration.orphans import LAUNCHED_ON_TAG, process_space, run_worker_pid
 from orchestration.run import run_pipeline
 from tests.orchestration.browser import dagster_webserver, graphql
 from tests.processes import descendants, still_running
@@ -123,7 +122,7 @@ def test_daemon_launches_what_the_sensor_and_the_schedule_request(finished_pipel
     failed = [s for rs in summary.values() for s in rs if s[2] != "SUCCESS"]
     assert not failed, f"daemon-launched runs failed: {failed}\n{log}"
     # Each says which host its worker ran on: a tick fails it should that worker die with its code server.
-    assert {r.tags.get(LAUNCHED_ON_TAG) for rs in runs.values() for r in rs} == {socket.gethostname()}
+    assert {r.tags.get(LAUNCHED_ON_TAG) for rs in runs.values() for r in rs} == {process_space()}
     # The sensor: the dropped list became a source, its shards were registered and downloaded.
     assert {job for job, _, _ in summary["sensor"]} == {"url_shards_job", "download_job"}
     for shard in new_shards:

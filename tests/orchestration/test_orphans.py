@@ -10,7 +10,8 @@ import sys
 import dagster as dg
 from dagster._core.events import EngineEventData
 
-from orchestration.orphans import EXECUTOR_TAG, LAUNCHED_ON_TAG, end_orphaned_runs, launched_here, run_worker_pid
+from orchestration.orphans import (EXECUTOR_TAG, LAUNCHED_ON_TAG, end_orphaned_runs, executor_tags, launched_here,
+                                  process_space, run_worker_pid)
 
 STARTED = dg.DagsterRunStatus.STARTED
 
@@ -32,11 +33,11 @@ def add_started_run(instance: dg.DagsterInstance, run_id: str, tags: dict[str, s
 
 
 def test_runs_whose_process_died_are_failed_and_their_pool_slots_freed():
-    host = socket.gethostname()
+    space = process_space()
     with dg.instance_for_test() as instance:
         instance.event_log_storage.set_concurrency_slots("recaption", 2)
-        add_started_run(instance, "data-run-killed", {EXECUTOR_TAG: f"{host}:{dead_pid()}"})
-        add_started_run(instance, "data-run-alive", {EXECUTOR_TAG: f"{host}:{os.getpid()}"})
+        add_started_run(instance, "data-run-killed", {EXECUTOR_TAG: f"{space}:{dead_pid()}"})
+        add_started_run(instance, "data-run-alive", executor_tags())
         add_started_run(instance, "data-run-elsewhere", {EXECUTOR_TAG: f"another-host:{dead_pid()}"})
         # The sensor's and the schedule's runs: their worker's pid comes from its first event.
         add_started_run(instance, "worker-killed", launched_here(), worker_pid=dead_pid())
@@ -53,7 +54,7 @@ def test_runs_whose_process_died_are_failed_and_their_pool_slots_freed():
         assert {run.status for run in instance.get_runs() if run.run_id not in failed} == {STARTED}
         assert instance.event_log_storage.get_concurrency_info("recaption").claimed_slots == []
         [failure] = instance.all_logs("worker-killed", of_type=dg.DagsterEventType.RUN_FAILURE)
-        assert f"on {host}) ended before the run did" in failure.message
+        assert f"on {space}) ended before the run did" in failure.message
         assert end_orphaned_runs(instance) == []
 
 
@@ -67,6 +68,12 @@ def test_the_worker_pid_is_read_from_the_run_worker_event_only():
         instance.report_engine_event(f"Started process for run (pid: {os.getpid()}).", run,
                                      EngineEventData.in_process(os.getpid()))
         assert run_worker_pid(instance, "run") == os.getpid()
+
+
+def test_a_pid_is_judged_only_in_its_own_pid_namespace():
+    # A container on this host can share its name (host networking) and the instance, not its pids.
+    namespace = os.readlink("/proc/self/ns/pid")  # "pid:[<inode>]"
+    assert process_space() == f"{socket.gethostname()}/pidns-{namespace[5:-1]}"
 
 
 def test_a_run_launcher_that_starts_workers_elsewhere_leaves_the_runs_to_run_monitoring():
