@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from dagster._core.events import EngineEventData
 
 from etl.layout import DataLayout
 from etl.storage import write_parquet_atomic
 from orchestration.definitions import build_definitions
 from orchestration.orphans import LAUNCHED_ON_TAG, process_space
+from tests.orchestration.test_orphans import add_started_run, dead_pid
 
 
 def url_list(path, n):
@@ -74,11 +74,8 @@ def test_a_sensor_tick_fails_a_run_whose_worker_died_with_its_code_server(setup)
     defs, instance, _, _ = setup
     first = evaluate_sensor(defs, instance)
     assert [r.tags for r in first.run_requests] == [{LAUNCHED_ON_TAG: process_space()}]
-    run = instance.add_run(dg.DagsterRun(job_name="url_shards_job", run_id="worker-killed",
-                                         status=dg.DagsterRunStatus.STARTED, tags=first.run_requests[0].tags))
-    worker = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    instance.report_engine_event(f"Started process for run (pid: {worker.stdout.strip()}).", run,
-                                 EngineEventData.in_process(int(worker.stdout)))
+    add_started_run(instance, "worker-killed", first.run_requests[0].tags, worker_pid=dead_pid(),
+                    job_name="url_shards_job")
     evaluate_sensor(defs, instance, cursor=first.cursor)
     assert instance.get_run_by_id("worker-killed").status == dg.DagsterRunStatus.FAILURE
 
@@ -139,11 +136,8 @@ def test_schedule_backfills_the_captions_that_are_not_up_to_date(setup):
     # A shard whose run is still going is not requested a second time at the next tick...
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        run = instance.add_run(dg.DagsterRun(job_name="recaption_job", run_id="still-captioning",
-                                             status=dg.DagsterRunStatus.STARTED,
-                                             tags={"dagster/partition": shards[2], **requests[0].tags}))
-        instance.report_engine_event(f"Started process for run (pid: {worker.pid}).", run,
-                                     EngineEventData.in_process(worker.pid))
+        run = add_started_run(instance, "still-captioning", {"dagster/partition": shards[2], **requests[0].tags},
+                              worker_pid=worker.pid)
         instance.event_log_storage.claim_concurrency_slot("recaption", run.run_id, "recaptioned")
         with dg.build_schedule_context(instance=instance, resources=resources(defs)) as context:
             assert [r.partition_key for r in schedule(context)] == [shards[1]]

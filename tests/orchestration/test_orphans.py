@@ -22,10 +22,11 @@ def dead_pid() -> int:
     return process.pid
 
 
-def add_started_run(instance: dg.DagsterInstance, run_id: str, tags: dict[str, str], worker_pid: int | None = None):
+def add_started_run(instance: dg.DagsterInstance, run_id: str, tags: dict[str, str], worker_pid: int | None = None,
+                    job_name: str = "recaption_job") -> dg.DagsterRun:
     """A run as the instance holds it mid-run; with ``worker_pid``, the event its run worker writes first
     when a code server launched it (dagster/_grpc/impl.py)."""
-    run = instance.add_run(dg.DagsterRun(job_name="recaption_job", run_id=run_id, status=STARTED, tags=tags))
+    run = instance.add_run(dg.DagsterRun(job_name=job_name, run_id=run_id, status=STARTED, tags=tags))
     if worker_pid is not None:
         instance.report_engine_event(f"Started process for run (pid: {worker_pid}).", run,
                                      EngineEventData.in_process(worker_pid))
