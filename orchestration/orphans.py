@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import cache
 
 import dagster as dg
 
@@ -30,6 +31,7 @@ EXECUTOR_TAG = "sd3/executor"
 LAUNCHED_ON_TAG = "sd3/launched-on"
 
 
+@cache  # a process keeps its host and namespace; a tick tags every request with it
 def process_space() -> str:
     """Where a pid names one process: this host and, on Linux, its pid namespace. Containers on one host
     can share its name (host networking) and an instance on a shared volume, but not their pids."""
