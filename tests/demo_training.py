@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tests.processes import descendants
+from tests.processes import descendants, kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_IMAGES = 360  # every colour x shape x background ten times
@@ -60,7 +59,7 @@ class BackgroundTraining:
 
     def stop(self) -> None:
         if self._process.poll() is None:
-            _kill_tree(self._process.pid)
+            kill_tree(self._process.pid)  # torchrun starts each rank in a session of its own
             self._process.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -71,25 +70,6 @@ def _lower_autogroup(pid: int) -> None:
     try:
         Path(f"/proc/{pid}/autogroup").write_text(str(LOWEST_PRIORITY))
     except OSError:  # no autogroups in this kernel, or the process has ended
-        pass
-
-
-def _kill_tree(root: int) -> None:
-    """SIGKILL ``root`` and every process below it. torchrun starts each rank in a session of its own, so a
-    process group does not reach them; the tree is stopped first so that nothing forks while it is read."""
-    stopped: set[int] = set()
-    while found := {root, *descendants(root)} - stopped:
-        for pid in found:
-            _signal(pid, signal.SIGSTOP)
-        stopped |= found
-    for pid in stopped:
-        _signal(pid, signal.SIGKILL)
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
         pass
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from tests.processes import descendants
+from tests.processes import kill_tree
 from tests.trainer.demo_dataset import build_demo_dataset
 from trainer.checkpoint import (TRAINER_STATE, checkpoint_metadata, load_model, load_rank_state, load_trainer_state,
                                 resolve_checkpoint)
@@ -103,11 +103,7 @@ def run(command: list[str], timeout: float = 600, **env: str) -> subprocess.Comp
 
 def kill_everything(process: subprocess.Popen) -> None:
     """SIGKILL torchrun and every process it started, all at once: a crashed node."""
-    for pid in [process.pid, *descendants(process.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_tree(process.pid)
     process.wait(timeout=30)
 
 
