@@ -99,19 +99,8 @@ def identify_image(data: bytes | None) -> tuple[int, int] | tuple[str, str]:
         return "decode_error", f"{type(err).__name__}: {err}"
 
 
-_RUN_IMG2DATASET = """
-import json, os, signal, sys, threading, time
-
-def die_with_parent(parent):
-    # A caller killed outright (SIGKILL, the OOM killer) runs no cleanup: img2dataset would go on writing.
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os.killpg(0, signal.SIGKILL)
-
-threading.Thread(target=die_with_parent, args=(int(sys.argv[1]),), daemon=True).start()
-import img2dataset
-img2dataset.download(**json.loads(sys.stdin.read()))
-"""
+# Run by path with -P: the script's folder (etl/, whose module names are generic) stays off sys.path.
+_IMG2DATASET_CHILD = Path(__file__).with_name("img2dataset_child.py")
 
 
 def run_img2dataset(arguments: dict, pass_fds: tuple[int, ...] = ()) -> None:
@@ -126,7 +115,7 @@ def run_img2dataset(arguments: dict, pass_fds: tuple[int, ...] = ()) -> None:
     """
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
     with subprocess.Popen(
-        [sys.executable, "-c", _RUN_IMG2DATASET, str(os.getpid())],
+        [sys.executable, "-P", str(_IMG2DATASET_CHILD), str(os.getpid())],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

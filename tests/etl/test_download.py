@@ -28,6 +28,7 @@ from etl.download import (download_shard, identify_image, img2dataset_shards, im
                           import_img2dataset_shard, reason_for, run_img2dataset)
 from etl.schema import CANONICAL, REJECTS, StepResult
 from tests.etl.fault_server import VALID_JPEG, VALID_JPEG_SIZE, VALID_PNG, VALID_PNG_SIZE, FaultServer
+from tests.processes import descendants
 
 TIMEOUT = 1
 # route -> expected outcome: ("kept", original bytes, (width, height)) or ("rejected", reason)
@@ -219,6 +220,26 @@ def test_a_download_killed_outright_stops_its_img2dataset_and_the_next_removes_i
             if group is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(group, signal.SIGKILL)
+
+
+def test_no_process_of_a_download_loads_torch(tmp_path):
+    """img2dataset's processes hide torch from webdataset (etl/img2dataset_child.py), which starts each of
+    them about 2 s sooner; looked at while img2dataset's worker, its imports done, waits on /slow."""
+    cfg = DownloadConfig(processes=1, threads=1, timeout=5)
+    with FaultServer(slow_seconds=8) as server:
+        download = threading.Thread(target=download_shard,
+                                    args=(pa.table({"key": ["a"], "url": [server.url("/slow")]}), tmp_path, cfg))
+        download.start()
+        try:
+            wait_for(lambda: server.requests["/slow"], 120, "img2dataset fetching /slow")
+            maps = {}
+            for pid in descendants(os.getpid()):
+                with contextlib.suppress(FileNotFoundError):
+                    maps[pid] = Path(f"/proc/{pid}/maps").read_text()
+        finally:
+            download.join()
+    assert len(maps) >= 3, maps.keys()  # img2dataset's interpreter, its logger and its worker at least
+    assert not [pid for pid, text in maps.items() if "libtorch" in text]
 
 
 def test_second_call_off_the_main_thread_reencodes_and_leaves_no_global_state(tmp_path):

@@ -1,0 +1,103 @@
+"""A shard's download: img2dataset's processes with torch hidden (etl/img2dataset_child.py) against the
+interpreter the pipeline started before, which let webdataset import torch (the baseline: the same
+img2dataset.download call from ``python -c``).
+
+Every shard of every `sd3 data run` starts three interpreters (img2dataset's own, its logger, one worker
+per download process), each importing img2dataset; this measures what that start-up costs per shard, in
+wall seconds and in CPU seconds of the whole process tree, interleaved in this process. Images are
+generated demo shapes served over loopback, so the network costs next to nothing and start-up is most of
+what is left.
+
+    .venv/bin/python benchmarks/download_startup.py                        # 8 and 250 rows (the demo's shards)
+    .venv/bin/python benchmarks/download_startup.py --rows 8 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import etl.download  # noqa: E402
+from etl.config import DownloadConfig  # noqa: E402
+from etl.demo_source import make_demo_source  # noqa: E402
+from etl.schema import OPTIONAL_FLOAT_COLUMNS, URLS  # noqa: E402
+from etl.serve import serve_directory  # noqa: E402
+
+BASELINE_CHILD = "import json, sys, img2dataset; img2dataset.download(**json.loads(sys.stdin.read()))"
+NOW = etl.download.run_img2dataset
+
+
+def run_baseline(arguments: dict, pass_fds: tuple[int, ...] = ()) -> None:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+    with subprocess.Popen([sys.executable, "-c", BASELINE_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+                          pass_fds=pass_fds) as process:
+        try:
+            log, _ = process.communicate(json.dumps(arguments))
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    if process.returncode != 0:
+        raise RuntimeError(f"img2dataset failed:\n{log[-4000:]}")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_download(runner, urls, work_dir: Path, cfg: DownloadConfig) -> tuple[float, float]:
+    """(wall s, CPU s of the download's process tree) for one shard."""
+    etl.download.run_img2dataset = runner
+    cpu, start = children_cpu_s(), time.perf_counter()
+    result = etl.download.download_shard(urls, work_dir, cfg)
+    wall = time.perf_counter() - start
+    assert result.kept.num_rows == urls.num_rows, result.rejects.to_pylist()
+    return wall, children_cpu_s() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[8, 250])
+    parser.add_argument("--repeats", type=int, default=3, help="downloads per variant and size, interleaved")
+    args = parser.parse_args()
+    cfg = DownloadConfig(processes=1, threads=8, timeout=10, retries=0)
+    variants = {"baseline (torch imported)": run_baseline, "now (torch hidden)": NOW}
+    with tempfile.TemporaryDirectory() as tmp, serve_directory(Path(tmp)) as base_url:
+        tmp = Path(tmp)
+        source = pq.read_table(make_demo_source(tmp, max(args.rows), base_url))
+        n = source.num_rows
+        every_row = pa.table({"key": [f"demo-{i:09d}" for i in range(n)], "url": source["url"],
+                              "caption": source["caption"], "source": ["demo"] * n,
+                              **{name: [None] * n for name in OPTIONAL_FLOAT_COLUMNS}}, schema=URLS)
+        print(f"{'rows':>5}  {'variant':28}{'wall s':>8}{'CPU s':>8}{'wall vs baseline':>18}")
+        for rows in args.rows:
+            urls = every_row.slice(0, rows)
+            times = {name: [] for name in variants}
+            for repeat in range(args.repeats):
+                for name, runner in variants.items():
+                    work_dir = tmp / f"work-{rows}-{repeat}-{len(times[name])}-{name[:3]}"
+                    times[name].append(timed_download(runner, urls, work_dir, cfg))
+            baseline_wall = statistics.median(w for w, _ in times["baseline (torch imported)"])
+            for name, samples in times.items():
+                wall = statistics.median(w for w, _ in samples)
+                cpu = statistics.median(c for _, c in samples)
+                print(f"{rows:>5}  {name:28}{wall:>8.2f}{cpu:>8.2f}{baseline_wall / wall:>17.2f}x")
+
+
+if __name__ == "__main__":
+    main()
