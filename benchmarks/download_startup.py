@@ -1,6 +1,6 @@
 """A shard's download: img2dataset's processes with torch hidden (etl/img2dataset_child.py) against the
-interpreter the pipeline started before, which let webdataset import torch (the baseline: the same
-img2dataset.download call from ``python -c``).
+interpreters as they were before, which let webdataset import torch (the baseline: the same child
+script less the line that hides torch).
 
 Every shard of every `sd3 data run` starts three interpreters (img2dataset's own, its logger, one worker
 per download process), each importing img2dataset; this measures what that start-up costs per shard, in
@@ -15,12 +15,8 @@ what is left.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,22 +33,17 @@ from etl.demo_source import make_demo_source  # noqa: E402
 from etl.schema import OPTIONAL_FLOAT_COLUMNS, URLS  # noqa: E402
 from etl.serve import serve_directory  # noqa: E402
 
-BASELINE_CHILD = "import json, sys, img2dataset; img2dataset.download(**json.loads(sys.stdin.read()))"
-NOW = etl.download.run_img2dataset
+CHILD = etl.download._IMG2DATASET_CHILD
+HIDING = 'sys.modules["torch"] = None\n'
 
 
-def run_baseline(arguments: dict, pass_fds: tuple[int, ...] = ()) -> None:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    with subprocess.Popen([sys.executable, "-c", BASELINE_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
-                          pass_fds=pass_fds) as process:
-        try:
-            log, _ = process.communicate(json.dumps(arguments))
-        except BaseException:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
-    if process.returncode != 0:
-        raise RuntimeError(f"img2dataset failed:\n{log[-4000:]}")
+def baseline_child(folder: Path) -> Path:
+    """The child script as it was before: the same, less the line that hides torch."""
+    source = CHILD.read_text()
+    assert HIDING in source
+    path = folder / "img2dataset_child_baseline.py"
+    path.write_text(source.replace(HIDING, ""))
+    return path
 
 
 def children_cpu_s() -> float:
@@ -60,9 +51,9 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed_download(runner, urls, work_dir: Path, cfg: DownloadConfig) -> tuple[float, float]:
-    """(wall s, CPU s of the download's process tree) for one shard."""
-    etl.download.run_img2dataset = runner
+def timed_download(child: Path, urls, work_dir: Path, cfg: DownloadConfig) -> tuple[float, float]:
+    """(wall s, CPU s of the download's process tree) for one shard, img2dataset started by ``child``."""
+    etl.download._IMG2DATASET_CHILD = child
     cpu, start = children_cpu_s(), time.perf_counter()
     result = etl.download.download_shard(urls, work_dir, cfg)
     wall = time.perf_counter() - start
@@ -76,9 +67,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="downloads per variant and size, interleaved")
     args = parser.parse_args()
     cfg = DownloadConfig(processes=1, threads=8, timeout=10, retries=0)
-    variants = {"baseline (torch imported)": run_baseline, "now (torch hidden)": NOW}
     with tempfile.TemporaryDirectory() as tmp, serve_directory(Path(tmp)) as base_url:
         tmp = Path(tmp)
+        variants = {"baseline (torch imported)": baseline_child(tmp), "now (torch hidden)": CHILD}
         source = pq.read_table(make_demo_source(tmp, max(args.rows), base_url))
         n = source.num_rows
         every_row = pa.table({"key": [f"demo-{i:09d}" for i in range(n)], "url": source["url"],
