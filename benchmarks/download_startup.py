@@ -22,16 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import etl.download  # noqa: E402
-from etl.config import DownloadConfig  # noqa: E402
+from etl.config import DownloadConfig, SourceConfig  # noqa: E402
 from etl.demo_source import make_demo_source  # noqa: E402
-from etl.schema import OPTIONAL_FLOAT_COLUMNS, URLS  # noqa: E402
 from etl.serve import serve_directory  # noqa: E402
+from etl.sources import read_url_list, shard_url_list  # noqa: E402
 
 CHILD = etl.download._IMG2DATASET_CHILD
 HIDING = 'sys.modules["torch"] = None\n'
@@ -70,19 +68,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, serve_directory(Path(tmp)) as base_url:
         tmp = Path(tmp)
         variants = {"baseline (torch imported)": baseline_child(tmp), "now (torch hidden)": CHILD}
-        source = pq.read_table(make_demo_source(tmp, max(args.rows), base_url))
-        n = source.num_rows
-        every_row = pa.table({"key": [f"demo-{i:09d}" for i in range(n)], "url": source["url"],
-                              "caption": source["caption"], "source": ["demo"] * n,
-                              **{name: [None] * n for name in OPTIONAL_FLOAT_COLUMNS}}, schema=URLS)
+        source = SourceConfig(name="demo", path=make_demo_source(tmp, max(args.rows), base_url))
+        ((_, every_row),) = shard_url_list(read_url_list(source), source.name, max(args.rows))
         print(f"{'rows':>5}  {'variant':28}{'wall s':>8}{'CPU s':>8}{'wall vs baseline':>18}")
         for rows in args.rows:
             urls = every_row.slice(0, rows)
             times = {name: [] for name in variants}
             for repeat in range(args.repeats):
-                for name, runner in variants.items():
-                    work_dir = tmp / f"work-{rows}-{repeat}-{len(times[name])}-{name[:3]}"
-                    times[name].append(timed_download(runner, urls, work_dir, cfg))
+                for name, child in variants.items():
+                    work_dir = tmp / f"work-{rows}-{repeat}-{name[:3]}"
+                    times[name].append(timed_download(child, urls, work_dir, cfg))
             baseline_wall = statistics.median(w for w, _ in times["baseline (torch imported)"])
             for name, samples in times.items():
                 wall = statistics.median(w for w, _ in samples)
