@@ -73,21 +73,36 @@ def _lower_autogroup(pid: int) -> None:
         pass
 
 
-def main(workdir: Path) -> int:
-    from scripts.demo import TRAIN_CONFIG, demo_resolution, train_command
-    from tests.trainer.demo_dataset import build_demo_dataset
-
-    root = build_demo_dataset(workdir / "data", n=DATASET_IMAGES, resolution=demo_resolution())
-    training = subprocess.Popen(train_command(TRAIN_CONFIG, f"data.root={root}", f"checkpoint.dir={workdir / 'run'}",
-                                              "log.progress=false"))
+def supervise(training: subprocess.Popen, parent: int) -> int | None:
+    """Wait for ``training``, lowering each new process's autogroup; None, with the training ended, if
+    ``parent`` (pytest) is gone first, as when a timeout or SIGKILL ended it before its session could finish."""
     lowered: set[int] = set()
     while training.poll() is None:
+        if os.getppid() != parent:
+            kill_tree(training.pid)
+            training.wait()
+            return None
         # Each rank starts in a session, so an autogroup, of its own (torch.distributed.elastic): lower it too.
         for pid in set(descendants(os.getpid())) - lowered:
             _lower_autogroup(pid)
             lowered.add(pid)
         time.sleep(1)
     return training.returncode
+
+
+def main(workdir: Path) -> int:
+    from scripts.demo import TRAIN_CONFIG, demo_resolution, train_command
+    from tests.trainer.demo_dataset import build_demo_dataset
+
+    parent = os.getppid()
+    root = build_demo_dataset(workdir / "data", n=DATASET_IMAGES, resolution=demo_resolution())
+    training = subprocess.Popen(train_command(TRAIN_CONFIG, f"data.root={root}", f"checkpoint.dir={workdir / 'run'}",
+                                              "log.progress=false"))
+    returncode = supervise(training, parent)
+    if returncode is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 1
+    return returncode
 
 
 if __name__ == "__main__":
