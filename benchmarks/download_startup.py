@@ -1,6 +1,6 @@
-"""A shard's download: img2dataset's processes with torch hidden (etl/img2dataset_child.py) against the
-interpreters as they were before, which let webdataset import torch (the baseline: the same child
-script less the line that hides torch).
+"""A shard's download: img2dataset's processes as etl/img2dataset_child.py starts them (torch hidden from
+webdataset, the modules for options a download never sets imported only on use) against the interpreters
+as they were before (the baseline: the same child script less those lines), and with torch hidden only.
 
 Every shard of every `sd3 data run` starts three interpreters (img2dataset's own, its logger, one worker
 per download process), each importing img2dataset; this measures what that start-up costs per shard, in
@@ -32,15 +32,18 @@ from etl.serve import serve_directory  # noqa: E402
 from etl.sources import read_url_list, shard_url_list  # noqa: E402
 
 CHILD = etl.download._IMG2DATASET_CHILD
-HIDING = 'sys.modules["torch"] = None\n'
+HIDING_TORCH = 'sys.modules["torch"] = None\n'
+IMPORTING_ON_USE = 'for _name in ("wandb", "albumentations", "pandas"):\n    sys.modules[_name] = ImportedOnUse(_name)\n'
 
 
-def baseline_child(folder: Path) -> Path:
-    """The child script as it was before: the same, less the line that hides torch."""
+def child_less(folder: Path, name: str, *lines: str) -> Path:
+    """The child script less ``lines``."""
     source = CHILD.read_text()
-    assert HIDING in source
-    path = folder / "img2dataset_child_baseline.py"
-    path.write_text(source.replace(HIDING, ""))
+    for line in lines:
+        assert line in source, line
+        source = source.replace(line, "")
+    path = folder / f"img2dataset_child_{name}.py"
+    path.write_text(source)
     return path
 
 
@@ -67,7 +70,9 @@ def main() -> None:
     cfg = DownloadConfig(processes=1, threads=8, timeout=10, retries=0)
     with tempfile.TemporaryDirectory() as tmp, serve_directory(Path(tmp)) as base_url:
         tmp = Path(tmp)
-        variants = {"baseline (torch imported)": baseline_child(tmp), "now (torch hidden)": CHILD}
+        variants = {"baseline": child_less(tmp, "baseline", HIDING_TORCH, IMPORTING_ON_USE),
+                    "torch hidden": child_less(tmp, "torch_hidden", IMPORTING_ON_USE),
+                    "now (+ imports on use)": CHILD}
         source = SourceConfig(name="demo", path=make_demo_source(tmp, max(args.rows), base_url))
         ((_, every_row),) = shard_url_list(read_url_list(source), source.name, max(args.rows))
         print(f"{'rows':>5}  {'variant':28}{'wall s':>8}{'CPU s':>8}{'wall vs baseline':>18}")
@@ -78,7 +83,7 @@ def main() -> None:
                 for name, child in variants.items():
                     work_dir = tmp / f"work-{rows}-{repeat}-{name[:3]}"
                     times[name].append(timed_download(child, urls, work_dir, cfg))
-            baseline_wall = statistics.median(w for w, _ in times["baseline (torch imported)"])
+            baseline_wall = statistics.median(w for w, _ in times["baseline"])
             for name, samples in times.items():
                 wall = statistics.median(w for w, _ in samples)
                 cpu = statistics.median(c for _, c in samples)

@@ -6,13 +6,36 @@ module before anything else; this file is that module, so what it does at the to
 process of a download, while the guarded part runs in the first one only.
 """
 
+import importlib
 import sys
+import types
 
 # img2dataset imports webdataset, and webdataset imports torch for its DataLoader adapters, which
 # img2dataset never uses; webdataset falls back to stand-ins when torch is missing. Hiding torch spares each
 # of a download's three interpreters (this one, the logger, a worker) about 2 s of start-up, paid once per
 # shard (benchmarks/download_startup.py).
 sys.modules["torch"] = None
+
+
+class ImportedOnUse(types.ModuleType):
+    """Stands in for a module until one of its attributes is read, then imports it and hands that on.
+
+    img2dataset imports wandb (for enable_wandb), albumentations (for resize modes other than "no", and
+    blurring) and pandas (for JSON URL lists) at its top. A download asks for none of them: wandb and
+    albumentations are never loaded, pandas only where pyarrow's feather writer asks whether a table is a
+    DataFrame (img2dataset's first interpreter). That spares each interpreter about 2 s of imports.
+    importlib.util.LazyLoader does not do here: an `import` statement reads the module's __spec__, which
+    makes LazyLoader load it at once.
+    """
+
+    def __getattr__(self, name: str):
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), name)
+
+
+for _name in ("wandb", "albumentations", "pandas"):
+    sys.modules[_name] = ImportedOnUse(_name)
 
 if __name__ == "__main__":
     import json

@@ -24,8 +24,9 @@ import pytest
 from PIL import Image
 
 from etl.config import DownloadConfig
-from etl.download import (download_shard, identify_image, img2dataset_shards, img2dataset_url_rows, settled_outcomes,
-                          import_img2dataset_shard, reason_for, run_img2dataset)
+from etl.download import (_IMG2DATASET_CHILD, download_shard, identify_image, img2dataset_shards,
+                          img2dataset_url_rows, import_img2dataset_shard, reason_for, run_img2dataset,
+                          settled_outcomes)
 from etl.schema import CANONICAL, REJECTS, StepResult
 from tests.etl.fault_server import VALID_JPEG, VALID_JPEG_SIZE, VALID_PNG, VALID_PNG_SIZE, FaultServer
 from tests.processes import descendants
@@ -252,6 +253,25 @@ def test_no_process_of_a_download_loads_torch(tmp_path):
     assert len(img2dataset) == 1, children
     assert len(maps) >= 3, maps.keys()  # img2dataset's interpreter, its logger and its worker at least
     assert not [pid for pid, text in maps.items() if "libtorch" in text]
+
+
+# The child's top, run as a spawned process of img2dataset runs it, then img2dataset's import; then a use.
+STAND_INS = """
+import runpy, sys
+runpy.run_path(sys.argv[1])
+import img2dataset
+print(*(type(sys.modules[name]).__name__ for name in ("wandb", "albumentations", "pandas")))
+from img2dataset import reader, resizer
+print(reader.pd.DataFrame({"a": [1, 2]}).shape, resizer.A.LongestMaxSize.__name__, type(sys.modules["pandas"]).__name__)
+"""
+
+
+def test_modules_img2dataset_imports_for_options_a_download_never_sets_load_only_on_use():
+    result = subprocess.run([sys.executable, "-P", "-c", STAND_INS, str(_IMG2DATASET_CHILD)], capture_output=True,
+                            text=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["ImportedOnUse ImportedOnUse ImportedOnUse",
+                                          "(2, 1) LongestMaxSize module"]
 
 
 def test_second_call_off_the_main_thread_reencodes_and_leaves_no_global_state(tmp_path):
