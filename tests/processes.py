@@ -23,6 +23,14 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def command_line(pid: int) -> str:
+    """Its arguments joined by spaces; empty once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except FileNotFoundError:
+        return ""
+
+
 def _stat(pid: int) -> list[str]:
     """The fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ..."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -29,7 +29,7 @@ from etl.download import (_IMG2DATASET_CHILD, download_shard, identify_image, im
                           settled_outcomes)
 from etl.schema import CANONICAL, REJECTS, StepResult
 from tests.etl.fault_server import VALID_JPEG, VALID_JPEG_SIZE, VALID_PNG, VALID_PNG_SIZE, FaultServer
-from tests.processes import descendants
+from tests.processes import command_line, descendants
 
 TIMEOUT = 1
 # route -> expected outcome: ("kept", original bytes, (width, height)) or ("rejected", reason)
@@ -223,13 +223,6 @@ def test_a_download_killed_outright_stops_its_img2dataset_and_the_next_removes_i
                     os.killpg(group, signal.SIGKILL)
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-    except FileNotFoundError:  # it ended meanwhile
-        return ""
-
-
 def test_no_process_of_a_download_loads_torch(tmp_path):
     """img2dataset's processes hide torch from webdataset (etl/img2dataset_child.py), which starts each of
     them about 2 s sooner; looked at while img2dataset's worker, its imports done, waits on /slow."""
@@ -243,7 +236,7 @@ def test_no_process_of_a_download_loads_torch(tmp_path):
             # Only the download's own tree: the suite's background demo training (tests/demo_training.py)
             # is below pytest too, and its ranks load torch.
             children = descendants(os.getpid())
-            img2dataset = [pid for pid in children if "img2dataset_child.py" in _cmdline(pid)]
+            img2dataset = [pid for pid in children if "img2dataset_child.py" in command_line(pid)]
             maps = {}
             for pid in img2dataset + [pid for root in img2dataset for pid in descendants(root)]:
                 with contextlib.suppress(FileNotFoundError):
@@ -255,7 +248,8 @@ def test_no_process_of_a_download_loads_torch(tmp_path):
     assert not [pid for pid, text in maps.items() if "libtorch" in text]
 
 
-# The child's top, run as a spawned process of img2dataset runs it, then img2dataset's import; then a use.
+# What each spawned process of img2dataset does first: run the child's top (not its __main__ part), then
+# import img2dataset. Then two of the stood-in modules are used.
 STAND_INS = """
 import runpy, sys
 runpy.run_path(sys.argv[1])
