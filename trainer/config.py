@@ -57,6 +57,10 @@ class DataSection:
     # Share of the images never trained on, for the validation loss (log.val_every): chosen by a hash of
     # each key, so the same images in every run and as the index grows (trainer/validation.py).
     holdout_fraction: float = 0.0
+    # MB of loader memory for VAE posteriors (2C x h x w values an image: 128 KiB at 256 px in fp32, 8 KiB
+    # for the demo's), each kept from an image's first encoding so later epochs skip the VAE encoder; for data
+    # seen over many epochs. Memory only: a resumed run encodes again (trainer/vae_memo.py). 0: off.
+    vae_memo_mb: float = 0.0
 
     def __post_init__(self):
         if self.resolution < PATCH_MULTIPLE or self.resolution % PATCH_MULTIPLE:
@@ -65,6 +69,7 @@ class DataSection:
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError(f"holdout_fraction: must be in [0, 1), got {self.holdout_fraction}")
         _at_least(self, 0, "num_workers")
+        _at_least(self, 0, "vae_memo_mb")
 
 
 @dataclass

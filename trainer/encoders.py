@@ -323,11 +323,23 @@ class Encoders:
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8)."""
+        return self.latents_from(self.posteriors(x), generator)
+
+    @torch.no_grad()
+    def posteriors(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> the VAE posteriors' parameters (B, 2C, H/8, W/8): means, then log-variances."""
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"encode_images expects (B, 3, H, W) images, got shape {tuple(x.shape)}")
+            raise ValueError(f"the VAE encodes (B, 3, H, W) images, got shape {tuple(x.shape)}")
         if x.shape[2] % self.downsampling or x.shape[3] % self.downsampling:
             raise ValueError(f"image size {tuple(x.shape[2:])} is not a multiple of {self.downsampling}")
-        posterior = self.vae.encode(x.to(self.device, self.dtype).contiguous(memory_format=self._encode_format)).latent_dist
+        return self.vae.encode(x.to(self.device, self.dtype).contiguous(memory_format=self._encode_format)).latent_dist.parameters
+
+    @torch.no_grad()
+    def latents_from(self, posteriors: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``posteriors`` parameters -> scaled latents: a draw from ``generator``, or the means (``config.latents``)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        posterior = DiagonalGaussianDistribution(posteriors)
         z = posterior.sample(generator) if self.config.latents == "sample" else posterior.mode()
         return ((z - self._shift) * self.vae.config.scaling_factor).contiguous()
 

@@ -32,6 +32,7 @@ from trainer.model import MMDiTConfig
 from trainer.prefetch import Prefetcher
 from trainer.resume import fresh_seed
 from trainer.transport import SendWaits, pack_batch, send_batch, send_end, send_error
+from trainer.vae_memo import VaeMemo
 from trainer.validation import ValidationPlan
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Feeder:
             log.warning("bucket %s has %d images, fewer than a batch of %d: dropped", size, count, self.chunk_size * num_chunks)
         self.encoders = Encoders(cfg.encoders, device=device)
         _check_model_fits_encoders(self.encoders, cfg.model.mmdit_config())
+        self.vae_memo = VaeMemo(cfg.data.vae_memo_mb)
         self.generator = torch.Generator(device).manual_seed(fresh_seed(cfg.train.seed, "vae", 0, replica))
         self.batches_done = 0
         if state is not None:
@@ -90,7 +92,8 @@ class Feeder:
     def encode(self, item: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """``item`` of ``BucketBatches`` encoded; the VAE samples from ``generator``, by default the feeder's."""
         images = to_unit_range(item["images"].to(self.device, non_blocking=True))
-        latents = self.encoders.encode_images(images, generator=generator or self.generator)
+        posteriors = self.vae_memo.posteriors(item["keys"], images, self.encoders.posteriors)
+        latents = self.encoders.latents_from(posteriors, generator=generator or self.generator)
         text, pooled = self.encoders.encode_text(item["captions"])
         # Sent in the encoders' dtype (bf16 halves the bytes on GPU); model ranks compute the loss in fp32.
         return {"latents": latents, "text": text, "pooled": pooled}

@@ -97,6 +97,7 @@ def test_dotted_overrides_parse_yaml_values(tmp_path, monkeypatch):
         ("train.batch_size=two", "train.batch_size"),
         ("train.lr=fast", "train.lr: expected a number"),
         ("data.resolution=100", "data.resolution"),
+        ("data.vae_memo_mb=-1", "data.vae_memo_mb: must be at least 0"),
         ("train.lr_schedule=linear", "train.lr_schedule"),
         ("log.wandb_mode=on", "as true/false: quote the word"),
         ("ema.decay=1.5", "ema.decay"),
