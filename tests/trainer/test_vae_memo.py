@@ -58,8 +58,9 @@ def test_over_three_epochs_each_image_is_encoded_once_and_the_latents_are_those_
     assert sum(calls) == len({key for batch in keys for key in batch}) > IMAGES - BATCH and len(calls) < batches
     assert calls_without == [BATCH] * batches
     for with_memo, without in zip(remembered, encoded):
-        # The same VAE noise from the same generator; the posteriors equal up to the encoder's batch rounding.
-        torch.testing.assert_close(with_memo["latents"], without["latents"], rtol=1e-5, atol=1e-5)
+        # The same VAE noise from the same generator; the posteriors equal up to the rounding of the batch the
+        # encoder ran them in (up to 1.2e-5 on 2 threads).
+        torch.testing.assert_close(with_memo["latents"], without["latents"], rtol=1e-4, atol=1e-4)
         assert torch.equal(with_memo["text"], without["text"]) and torch.equal(with_memo["pooled"], without["pooled"])
 
 
@@ -77,7 +78,7 @@ def test_past_its_budget_the_memo_keeps_what_it_holds_and_encodes_the_others_eve
 
     with caplog.at_level(logging.WARNING, logger="trainer.vae_memo"):
         for _ in range(3):
-            torch.testing.assert_close(memo.posteriors(keys, images, encode), reference, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(memo.posteriors(keys, images, encode), reference, rtol=1e-4, atol=1e-4)
     assert calls == [8, 3, 3] and len(memo) == 5 and memo.kept_bytes == 5 * per_image and memo.encoded == 14
     assert [r.message for r in caplog.records].count(
         f"data.vae_memo_mb ({5 * per_image / 2**20:g} MB) is full at 5 images: the others are encoded every time "
@@ -85,7 +86,7 @@ def test_past_its_budget_the_memo_keeps_what_it_holds_and_encodes_the_others_eve
     # A batch of kept and new images: only the new ones reach the encoder, in the batch's order.
     mixed = memo.posteriors(["image-9", "image-0", "image-1"], images[[7, 0, 1]], encode)
     assert calls[-1] == 1
-    torch.testing.assert_close(mixed, reference[[7, 0, 1]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed, reference[[7, 0, 1]], rtol=1e-4, atol=1e-4)
 
 
 def test_without_a_budget_every_batch_goes_to_the_encoder_whole(encoders):
