@@ -28,7 +28,8 @@ class VaeMemo:
     def __init__(self, budget_mb: float):
         self.budget_bytes = int(budget_mb * 2**20)
         self.kept_bytes = 0
-        self.encoded = 0  # images that went through the encoder, kept or not
+        self.requested = 0  # images asked for
+        self.encoded = 0  # of them, those that went through the encoder, kept or not
         self._kept: dict[str, torch.Tensor] = {}
         self._full = self.budget_bytes == 0
 
@@ -40,6 +41,7 @@ class VaeMemo:
         """The posterior parameters of ``images``, named by their ``keys`` (unique in an index), ``encode``-ing
         only the images not kept."""
         missing = [i for i, key in enumerate(keys) if key not in self._kept]
+        self.requested += len(keys)
         self.encoded += len(missing)
         if len(missing) == len(keys):
             fresh = encode(images)

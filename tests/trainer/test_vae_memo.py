@@ -79,7 +79,8 @@ def test_past_its_budget_the_memo_keeps_what_it_holds_and_encodes_the_others_eve
     with caplog.at_level(logging.WARNING, logger="trainer.vae_memo"):
         for _ in range(3):
             torch.testing.assert_close(memo.posteriors(keys, images, encode), reference, rtol=1e-4, atol=1e-4)
-    assert calls == [8, 3, 3] and len(memo) == 5 and memo.kept_bytes == 5 * per_image and memo.encoded == 14
+    assert calls == [8, 3, 3] and len(memo) == 5 and memo.kept_bytes == 5 * per_image
+    assert (memo.encoded, memo.requested) == (14, 24)
     assert [r.message for r in caplog.records].count(
         f"data.vae_memo_mb ({5 * per_image / 2**20:g} MB) is full at 5 images: the others are encoded every time "
         "they come") == 1
@@ -95,6 +96,6 @@ def test_without_a_budget_every_batch_goes_to_the_encoder_whole(encoders):
     for _ in range(2):
         out = memo.posteriors(list("abcd"), images, lambda x: calls.append(x) or encoders.posteriors(x))
         assert calls[-1] is images
-    assert len(memo) == 0 and memo.kept_bytes == 0 and memo.encoded == 8
+    assert len(memo) == 0 and memo.kept_bytes == 0 and memo.encoded == memo.requested == 8
     assert torch.equal(encoders.latents_from(out, torch.Generator().manual_seed(3)),
                        encoders.encode_images(images, torch.Generator().manual_seed(3)))
