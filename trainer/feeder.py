@@ -134,6 +134,10 @@ class Feeder:
             if not rest and is_checkpoint_step(step, self.cfg.checkpoint.every, self.cfg.train.total_steps):
                 on_checkpoint(step, self.snapshot())
             yield parts
+        if self.cfg.data.vae_memo_mb:
+            memo = self.vae_memo
+            log.info("VAE memo: %d images kept (%.1f MB); %d of the %d images it served went through the encoder",
+                     len(memo), memo.kept_bytes / 2**20, memo.encoded, memo.requested)
 
 
 def _check_model_fits_encoders(encoders: Encoders, model: MMDiTConfig) -> None:
@@ -181,10 +185,6 @@ def run_loader(cfg: TrainConfig, models: list[int], replica: int, num_replicas: 
             while pending:
                 sends.wait(pending.popleft()[0], rank)
             send_end(rank, device=device, timeout_s=cfg.topology.timeout_s)
-        if cfg.data.vae_memo_mb:
-            memo = feeder.vae_memo
-            log.info("VAE memo: %d images kept (%.1f MB); %d of the %d images it served went through the encoder",
-                     len(memo), memo.kept_bytes / 2**20, memo.encoded, memo.requested)
     except BaseException as err:
         message = f"rank {_rank()}: {type(err).__name__}: {err}"
         for rank in models:

@@ -322,6 +322,7 @@ def test_colocated_single_process_run_without_torchrun_samples_while_training(da
     config = base_config(data_root, run_dir)
     config["topology"] = {"colocated": True, "prefetch": 1, "timeout_s": 20}
     config["train"].update(total_steps=3, accumulation_steps=2, compile=True)
+    config["data"]["vae_memo_mb"] = 1
     config["log"].update(sample_every=2, sample_prompts=["a red circle", "a blue square"], sample_steps=2)
     result = run([sys.executable, TRAIN, "--config", str(write_config(tmp_path / "train.yaml", config)),
                   "checkpoint.every=3"])
@@ -334,6 +335,8 @@ def test_colocated_single_process_run_without_torchrun_samples_while_training(da
     assert read_metrics(run_dir)[-1]["val_loss"] > 0  # the colocated rank encoded its own validation batches
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002_0.png", "step_0000002_1.png"]
     assert "loading the encoders for samples" not in result.stderr  # the samples used the feeder's
+    # Its feeder's memo served the 4 validation images and the 3 x 2 micro-batches of 2, all of them new.
+    assert re.search(r"VAE memo: 16 images kept \([\d.]+ MB\); 16 of the 16 images it served went", result.stderr)
 
 
 def test_resume_on_another_topology_hands_over_the_data_position_and_the_training_state(reference_run, data_root,

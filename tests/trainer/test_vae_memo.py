@@ -1,6 +1,7 @@
 """The loader's VAE memo: each image through the demo VAE's encoder once, with the latents of encoding it every time."""
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -48,10 +49,16 @@ def _feed(demo_root, memo_mb: float, batches: int) -> tuple[list[dict], list[lis
     return merged, keys, calls
 
 
-def test_over_three_epochs_each_image_is_encoded_once_and_the_latents_are_those_of_encoding_it_every_time(demo_root):
+def test_over_three_epochs_each_image_is_encoded_once_and_the_latents_are_those_of_encoding_it_every_time(demo_root,
+                                                                                                         caplog):
     batches = 3 * IMAGES // BATCH
-    remembered, keys, calls = _feed(demo_root, 64, batches)
-    encoded, keys_without, calls_without = _feed(demo_root, 0, batches)
+    with caplog.at_level(logging.INFO, logger="trainer.feeder"):
+        remembered, keys, calls = _feed(demo_root, 64, batches)
+        encoded, keys_without, calls_without = _feed(demo_root, 0, batches)
+    summaries = [r.message for r in caplog.records if r.message.startswith("VAE memo: ")]
+    assert len(summaries) == 1, summaries  # said by the memo's feeder, at its end
+    assert re.fullmatch(rf"VAE memo: {sum(calls)} images kept \([\d.]+ MB\); {sum(calls)} of the {batches * BATCH} "
+                        "images it served went through the encoder", summaries[0]), summaries
     assert keys == keys_without and len(keys) == batches
     first_seen = [sum(key not in {k for batch in keys[:i] for k in batch} for key in batch) for i, batch in enumerate(keys)]
     assert calls == [n for n in first_seen if n]  # only images not seen before reach the encoder
